@@ -1,0 +1,131 @@
+"""The one interface between the algorithm and the world: average my encoded Δ with the group's.
+
+`Averager.submit(key, encoded, weight)` returns a Future of `AverageResult`: the weighted mean in fp32
+and who took part. Weights are tokens processed. The averaging itself is reduce-scatter then
+all-gather: the vector is cut into one span per member; each member owns a span, decodes the parts
+it receives, accumulates them in fp32 weighted by tokens, and sends the mean back encoded by the
+run's codec. Every member decodes the same bytes, so all members end with bit-identical means.
+
+`InProcessAverager` does exactly that for M workers inside one process (the simulator), counting
+the bytes each member would put on the wire. The swarm implements the same interface over gRPC.
+"""
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from .codecs import Encoded
+
+
+@dataclass(frozen=True, order=True)
+class SyncKey:
+    """What is being averaged: a fragment's pseudo-gradient in a round, or ('grad', step) for DP."""
+    kind: str
+    index: int
+    round: int
+
+
+@dataclass
+class AverageResult:
+    mean: torch.Tensor  # fp32, same numel as what was submitted
+    participants: tuple[str, ...]
+    total_weight: float
+    bytes_sent: int = 0  # what this member put on the wire for this average
+
+
+def span_bounds(numel: int, parts: int, align: int) -> list[tuple[int, int]]:
+    """Cut [0, numel) into `parts` contiguous spans whose inner boundaries are multiples of align."""
+    units = -(-numel // align)
+    bounds = [min(numel, (units * i // parts) * align) for i in range(parts + 1)]
+    bounds[-1] = numel
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def weighted_mean(parts: list[tuple[Encoded, float]]) -> torch.Tensor:
+    """The owner's reduction: decode each part to fp32 and accumulate weighted by tokens."""
+    total = sum(w for _, w in parts)
+    if total <= 0:
+        raise ValueError("weighted mean needs a positive total weight")
+    acc = torch.zeros(parts[0][0].numel, dtype=torch.float32)
+    for enc, w in parts:
+        acc.add_(enc.decode(), alpha=w / total)
+    return acc
+
+
+class Averager(ABC):
+    @abstractmethod
+    def submit(self, key: SyncKey, encoded: Encoded, weight: float) -> "Future[AverageResult]":
+        """Hand in my encoded vector; the future resolves to the group's weighted mean."""
+
+
+@dataclass
+class _Pending:
+    members: dict[str, tuple[Encoded, float]] = field(default_factory=dict)
+    futures: dict[str, Future] = field(default_factory=dict)
+
+
+class InProcessAverager:
+    """M members in one process. `member(name)` gives each worker its own `Averager` view.
+
+    A round completes when every expected member has submitted. `drop(name)` makes a member absent
+    (failure injection): rounds then complete with the others, as the swarm does after a timeout.
+    """
+
+    def __init__(self, members: list[str]):
+        self.expected = list(members)
+        self._pending: dict[SyncKey, _Pending] = {}
+        self._lock = threading.Lock()
+
+    def member(self, name: str) -> Averager:
+        outer = self
+
+        class _Member(Averager):
+            def submit(self, key, encoded, weight):
+                return outer._submit(name, key, encoded, weight)
+
+        return _Member()
+
+    def drop(self, name: str) -> None:
+        with self._lock:
+            self.expected.remove(name)
+            ready = [k for k, p in self._pending.items() if set(p.members) >= set(self.expected)]
+        for key in ready:
+            self._complete(key)
+
+    def _submit(self, name: str, key: SyncKey, encoded: Encoded, weight: float) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            pending = self._pending.setdefault(key, _Pending())
+            if name in pending.members:
+                raise RuntimeError(f"{name} submitted {key} twice")
+            pending.members[name], pending.futures[name] = (encoded, weight), fut
+            ready = set(pending.members) >= set(self.expected)
+        if ready:
+            self._complete(key)
+        return fut
+
+    def _complete(self, key: SyncKey) -> None:
+        with self._lock:
+            pending = self._pending.pop(key)
+        names = sorted(pending.members)
+        first = pending.members[names[0]][0]
+        codec, numel = first.codec, first.numel  # the mean travels in the codec it was sent in
+        spans = span_bounds(numel, len(names), codec.align)
+        sent = {n: 0 for n in names}
+        means = []
+        for owner, (lo, hi) in zip(names, spans):
+            parts = [(pending.members[n][0].slice(lo, hi), pending.members[n][1]) for n in names]
+            for n, (enc, _) in zip(names, parts):  # reduce-scatter: everyone but the owner sends
+                if n != owner:
+                    sent[n] += enc.nbytes
+            mean = codec.encode(weighted_mean(parts))
+            sent[owner] += mean.nbytes * (len(names) - 1)  # all-gather: the owner sends the mean back
+            means.append(mean.decode())
+        mean = torch.cat(means) if means else torch.zeros(0)
+        total = float(sum(w for _, w in pending.members.values()))
+        for n in names:
+            pending.futures[n].set_result(AverageResult(mean.clone(), tuple(names), total, sent[n]))

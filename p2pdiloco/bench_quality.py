@@ -1,0 +1,113 @@
+"""`p2pdiloco bench quality`: the five methods on identical tokens and seeds, with a plot.
+
+Methods (all through simulate.run_simulation, so the same model init, batches and eval windows):
+- data_parallel: gradients averaged every step (bf16 all-reduce bytes);
+- diloco: P = 1, τ = 0, fp32 pseudo-gradients;
+- streaming: P fragments, τ = 0, fp32;
+- streaming_overlap_e3m0: P fragments, τ = 1, α = 0.5, 4-bit E3M0;
+- streaming_overlap_e3m0_eager: the same with eager updates.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from .data import Corpus
+from .simulate import SimConfig, run_simulation, write_json
+from .streaming import StreamingConfig
+
+PRESETS: dict[str, dict] = {
+    # ≤ 3 minutes on 2 CPU cores for all five methods.
+    "smoke": {"model": "micro", "workers": 4, "batch_size": 8, "steps": 240, "eval_every": 40,
+              "eval_batches": 8, "data": {"seq_len": 64},
+              "inner": {"lr": 3e-3, "warmup_steps": 20},
+              "streaming": {"H": 20, "fragments": 2}},
+    # ≥ 20 tokens per parameter for the 0.84M-parameter tiny model: 2100 steps × 4 × 16 × 128 tokens.
+    "small": {"model": "tiny", "workers": 4, "batch_size": 16, "steps": 2100, "eval_every": 100,
+              "eval_batches": 32, "data": {"seq_len": 128},
+              "inner": {"lr": 2e-3, "warmup_steps": 100},
+              "streaming": {"H": 30, "fragments": 4}},
+}
+
+METHODS = ("data_parallel", "diloco", "streaming", "streaming_overlap_e3m0", "streaming_overlap_e3m0_eager")
+
+
+def method_config(name: str, base: StreamingConfig) -> StreamingConfig:
+    if name == "data_parallel":
+        return replace(base, mode="data_parallel", dp_warmup_steps=0)
+    if name == "diloco":
+        return replace(base, fragments=1, tau=0, alpha=0.0, eager=False, codec="fp32")
+    if name == "streaming":
+        return replace(base, tau=0, alpha=0.0, eager=False, codec="fp32")
+    if name == "streaming_overlap_e3m0":
+        return replace(base, tau=1, alpha=0.5, eager=False, codec="e3m0")
+    if name == "streaming_overlap_e3m0_eager":
+        return replace(base, tau=1, alpha=0.5, eager=True, codec="e3m0")
+    raise ValueError(f"--methods: '{name}' is unknown; choose from {', '.join(METHODS)}")
+
+
+def run_quality(preset: str, cfg: SimConfig, json_path: str, methods=METHODS, progress=print) -> dict:
+    for m in methods:  # fail on a bad name before hours of training, not after
+        method_config(m, cfg.streaming)
+    corpus = Corpus.load(cfg.data)
+    result = {"preset": preset, "workers": cfg.workers, "H": cfg.streaming.H,
+              "fragments": cfg.streaming.fragments, "steps": cfg.steps, "model": cfg.model,
+              "methods": {}}
+    for m in methods:
+        run = run_simulation(replace(cfg, streaming=method_config(m, cfg.streaming)), corpus, progress, label=m)
+        result["parameters"] = run["parameters"]
+        result["methods"][m] = {k: run[k] for k in ("eval_loss", "bytes_sent_per_worker", "peak_sync_bytes",
+                                                     "tokens", "wall_s", "eval_loss_initial", "eval_curve",
+                                                     "skipped_rounds", "fragments")}
+        write_json(json_path, result)  # partial results survive an interrupted run
+    result["ratios"] = ratios(result["methods"])
+    write_json(json_path, result)
+    plot(result, Path(json_path).with_suffix(".png"))
+    return result
+
+
+def ratios(methods: dict) -> dict:
+    out = {}
+    dp, dl = methods.get("data_parallel"), methods.get("diloco")
+    for name, m in methods.items():
+        r = {}
+        if dp:
+            r["eval_loss_vs_data_parallel"] = m["eval_loss"] / dp["eval_loss"]
+            if m["bytes_sent_per_worker"]:
+                r["bytes_fewer_than_data_parallel"] = dp["bytes_sent_per_worker"] / m["bytes_sent_per_worker"]
+        if dl:
+            r["eval_loss_vs_diloco"] = m["eval_loss"] / dl["eval_loss"]
+        out[name] = r
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = result["methods"]
+    fig, axes = plt.subplots(1, 2 if "data_parallel" in methods else 1, figsize=(12, 4.5), squeeze=False)
+    ax = axes[0][0]
+    for name, m in methods.items():
+        xs = [c["tokens"] for c in m["eval_curve"][1:]]
+        ax.plot(xs, [c["eval_loss"] for c in m["eval_curve"][1:]], marker=".", label=name)
+    ax.set(xlabel="tokens (all workers)", ylabel="eval loss (global parameters)",
+           title=f"preset {result['preset']}: M={result['workers']}, H={result['H']}, P={result['fragments']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if "data_parallel" in methods:
+        ax = axes[0][1]
+        dp = {c["tokens"]: c["eval_loss"] for c in methods["data_parallel"]["eval_curve"]}
+        for name, m in methods.items():
+            if name == "data_parallel":
+                continue
+            pts = [(c["tokens"], c["eval_loss"] / dp[c["tokens"]]) for c in m["eval_curve"][1:] if c["tokens"] in dp]
+            ax.plot(*zip(*pts), marker=".", label=name)
+        ax.axhline(1.03, color="gray", linestyle="--", linewidth=1, label="1.03 × data_parallel")
+        ax.set(xlabel="tokens (all workers)", ylabel="eval loss / data_parallel's", title="ratio to data-parallel")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

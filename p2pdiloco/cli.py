@@ -1,0 +1,80 @@
+"""The `p2pdiloco` command: simulate, bench quality.
+
+Errors in configs or input print one line that says what to fix and exit with status 2;
+Ctrl-C stops with status 130 and keeps what was already written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from . import config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="p2pdiloco", description="Peer-to-peer Streaming DiLoCo trainer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="train M workers in one process and write a JSON summary")
+    config.add_options(sim)
+    sim.add_argument("--json", metavar="FILE", default="simulate.json", help="summary file (default: %(default)s)")
+    sim.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+    bench = sub.add_parser("bench", help="benchmarks that write JSON")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    quality = bench_sub.add_parser("quality", help="data-parallel vs DiLoCo vs Streaming DiLoCo on the same tokens")
+    quality.add_argument("--preset", choices=["smoke", "small"], default="smoke")
+    quality.add_argument("--methods", nargs="+", metavar="NAME", help="a subset of the methods (default: all five)")
+    quality.add_argument("--json", metavar="FILE", required=True, help="results; a PNG plot is written beside it")
+    quality.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    config.add_options(quality)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command == "simulate":
+            return _simulate(args)
+        return _bench_quality(args)
+    except ValueError as exc:
+        print(f"p2pdiloco: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("p2pdiloco: interrupted", file=sys.stderr)
+        return 130
+
+
+def _simulate(args) -> int:
+    from .simulate import run_simulation, write_json
+
+    cfg = config.sim_config(args)
+    summary = run_simulation(cfg)
+    write_json(args.json, summary)
+    print(f"eval loss {summary['eval_loss_initial']:.4f} -> {summary['eval_loss']:.4f}; "
+          f"{summary['tokens']:,} tokens; {summary['bytes_sent_per_worker']:,} bytes sent per worker "
+          f"(largest sync {summary['peak_sync_bytes']:,}); {summary['wall_s']:.1f}s; summary in {args.json}")
+    return 0
+
+
+def _bench_quality(args) -> int:
+    from .bench_quality import METHODS, PRESETS, run_quality
+
+    cfg = config.sim_config(args, defaults=PRESETS[args.preset])
+    result = run_quality(args.preset, cfg, args.json, tuple(args.methods or METHODS),
+                         progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"{'method':32s} {'eval loss':>9s} {'vs DP':>7s} {'bytes/worker':>14s} {'DP/bytes':>9s} {'peak sync':>11s} {'wall s':>7s}")
+    for name, m in result["methods"].items():
+        r = result["ratios"][name]
+        print(f"{name:32s} {m['eval_loss']:9.4f} {r.get('eval_loss_vs_data_parallel', float('nan')):7.4f} "
+              f"{m['bytes_sent_per_worker']:14,d} {r.get('bytes_fewer_than_data_parallel', float('nan')):9.1f} "
+              f"{m['peak_sync_bytes']:11,d} {m['wall_s']:7.1f}")
+    print(f"results in {args.json}, plot in {args.json.rsplit('.', 1)[0]}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

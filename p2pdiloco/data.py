@@ -1,0 +1,164 @@
+"""Tokens in, batches out: byte-level text, pre-tokenized token files, validation split, worker shards.
+
+Sources, in `DataConfig.paths`:
+- text files or folders (every non-hidden file under a folder that has no NUL byte in its first 4 KiB),
+  read as bytes: token = byte value (vocabulary 256), files joined by a NUL byte;
+- pre-tokenized token files, read by memory map: `.npy` (any integer dtype) or raw `.bin`
+  (`token_dtype`, uint16 by default).
+With no paths, the default corpus is the `.py` sources of the running interpreter's standard
+library: present on every machine, no download.
+
+The stream is cut into windows of seq_len + 1 tokens. Windows are grouped in chunks of 64 and each
+chunk goes to validation with probability val_fraction (seeded), so validation is spread over the
+whole corpus. Training windows are dealt to M workers as disjoint shards: `iid` deals a seeded
+permutation round-robin; `non_iid` gives each worker a contiguous run of the corpus (other modules,
+other styles). Each worker walks its shard in a fresh seeded order every epoch.
+"""
+from __future__ import annotations
+
+import os
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHUNK_WINDOWS = 64
+TOKEN_SUFFIXES = (".npy", ".bin")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    paths: tuple[str, ...] = ()
+    seq_len: int = 128
+    val_fraction: float = 0.02
+    shards: str = "iid"
+    seed: int = 0
+    token_dtype: str = "uint16"
+
+    def validate(self) -> "DataConfig":
+        if self.seq_len < 1:
+            raise ValueError(f"data.seq_len must be at least 1, got {self.seq_len}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.shards not in ("iid", "non_iid"):
+            raise ValueError(f"data.shards '{self.shards}' is unknown; use 'iid' or 'non_iid'")
+        if self.token_dtype not in ("uint8", "uint16", "int32", "uint32", "int64"):
+            raise ValueError(f"data.token_dtype '{self.token_dtype}' is unknown; use uint8, uint16, int32, uint32 or int64")
+        for p in self.paths:
+            if not Path(p).exists():
+                raise ValueError(f"data.paths: '{p}' does not exist; give an existing text file, folder, "
+                                 f"or .npy/.bin token file")
+        return self
+
+
+def default_corpus_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if not name.startswith(".") and p.is_file():
+                with open(p, "rb") as f:
+                    if b"\0" not in f.read(4096):
+                        found.append(p)
+    return found
+
+
+def load_tokens(cfg: DataConfig) -> np.ndarray:
+    """The whole token stream (a memory map for token files, an in-memory byte array for text)."""
+    paths = [Path(p) for p in cfg.paths]
+    token_files = [p for p in paths if p.suffix in TOKEN_SUFFIXES and p.is_file()]
+    if token_files and len(token_files) != len(paths):
+        raise ValueError("data.paths mixes token files (.npy/.bin) with text; give one kind")
+    if token_files:
+        arrays = [np.load(p, mmap_mode="r") if p.suffix == ".npy" else np.memmap(p, dtype=cfg.token_dtype, mode="r")
+                  for p in token_files]
+        for p, a in zip(token_files, arrays):
+            if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+                raise ValueError(f"data.paths: token file '{p}' must hold a 1-D integer array, got {a.dtype} {a.shape}")
+        tokens = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    else:
+        files = default_corpus_files() if not paths else [f for p in paths for f in _text_files(p)]
+        blob = b"\0".join(f.read_bytes() for f in files)
+        tokens = np.frombuffer(blob, dtype=np.uint8)
+    if len(tokens) < 2 * (cfg.seq_len + 1):
+        where = ", ".join(cfg.paths) or "the default corpus"
+        raise ValueError(f"data.paths: {where} holds {len(tokens)} tokens, fewer than two windows of "
+                         f"data.seq_len + 1 = {cfg.seq_len + 1}; add text or lower data.seq_len")
+    return tokens
+
+
+@dataclass
+class Corpus:
+    cfg: DataConfig
+    tokens: np.ndarray
+    train_windows: np.ndarray = field(init=False)
+    val_windows: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        n_windows = (len(self.tokens) - 1) // self.cfg.seq_len
+        chunk = np.arange(n_windows) // CHUNK_WINDOWS
+        rng = np.random.default_rng([self.cfg.seed, 7])
+        is_val = rng.random(chunk[-1] + 1) < self.cfg.val_fraction
+        if is_val.all() or not is_val.any():  # tiny corpora: keep at least one chunk on each side
+            is_val[:] = False
+            is_val[-1] = True
+        self.val_windows = np.flatnonzero(is_val[chunk])
+        self.train_windows = np.flatnonzero(~is_val[chunk])
+
+    @classmethod
+    def load(cls, cfg: DataConfig) -> "Corpus":
+        return cls(cfg.validate(), load_tokens(cfg))
+
+    def batch(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.cfg.seq_len
+        rows = np.stack([np.asarray(self.tokens[w * s: w * s + s + 1], dtype=np.int64) for w in windows])
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]
+
+    def shard(self, worker: int, workers: int) -> np.ndarray:
+        if len(self.train_windows) < workers:
+            raise ValueError(f"the corpus has {len(self.train_windows)} training windows, fewer than "
+                             f"{workers} workers; add data or lower data.seq_len")
+        if self.cfg.shards == "iid":
+            perm = np.random.default_rng([self.cfg.seed, 11]).permutation(self.train_windows)
+            return perm[worker::workers]
+        return np.array_split(self.train_windows, workers)[worker]
+
+    def val_batches(self, batch_size: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        order = np.random.default_rng([self.cfg.seed, 13]).permutation(self.val_windows)
+        order = order[: batch_size * max_batches]
+        return [self.batch(order[i: i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+class ShardSampler:
+    """A worker's endless, deterministic walk over its shard: a fresh seeded order every epoch."""
+
+    def __init__(self, corpus: Corpus, worker: int, workers: int, batch_size: int):
+        self.corpus, self.batch_size, self.worker = corpus, batch_size, worker
+        self.windows = corpus.shard(worker, workers)
+        self.epoch, self.pos = 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> np.ndarray:
+        return np.random.default_rng([self.corpus.cfg.seed, 17, self.worker, self.epoch]).permutation(self.windows)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        picked = []
+        while len(picked) < self.batch_size:
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle()
+            take = self._order[self.pos: self.pos + self.batch_size - len(picked)]
+            picked.extend(take)
+            self.pos += len(take)
+        return self.corpus.batch(np.asarray(picked))

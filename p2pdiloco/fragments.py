@@ -1,0 +1,89 @@
+"""Fragments of the model and their sync schedule (Streaming DiLoCo, arXiv 2501.18512 §2.1).
+
+The transformer blocks are split into P fragments: strided by default (block i → fragment i mod P,
+the paper's choice: each fragment spans the depth of the network), or sequential (contiguous runs).
+
+Placement rule for everything outside the blocks (token embedding, final norm, untied head): with
+P = 1 it is part of the single fragment (plain DiLoCo syncs the whole model at once). With P > 1 it
+is a fragment of its own, `shared`, index P. Joining it to a block fragment would make that fragment
+larger than 1/P of the model, and the point of fragments is that no single sync is. So a run with
+P > 1 has P + 1 fragments, all on the same schedule.
+
+Schedule: fragment f of F syncs after inner step t when t > 0 and (t − t_f) mod H == 0, with offsets
+t_f = ⌊f · H / F⌋ spread evenly over [0, H). Its round number is how many syncs it has begun before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Fragment:
+    index: int
+    name: str
+    param_names: tuple[str, ...]
+    numel: int
+
+
+def build_fragments(model: nn.Module, blocks: int, num_fragments: int, strategy: str = "strided") -> list[Fragment]:
+    if strategy not in ("strided", "sequential"):
+        raise ValueError(f"fragments.strategy '{strategy}' is unknown; use 'strided' or 'sequential'")
+    if not 1 <= num_fragments <= blocks:
+        raise ValueError(f"streaming.fragments ({num_fragments}) must be between 1 and the model's "
+                         f"{blocks} blocks; use fewer fragments or a deeper model")
+    per_fragment: list[list[str]] = [[] for _ in range(num_fragments)]
+    shared: list[str] = []
+    for name, _ in model.named_parameters():
+        if name.startswith("blocks."):
+            block = int(name.split(".")[1])
+            if strategy == "strided":
+                f = block % num_fragments
+            else:
+                f = block * num_fragments // blocks
+            per_fragment[f].append(name)
+        elif num_fragments == 1:
+            per_fragment[0].append(name)
+        else:
+            shared.append(name)
+    groups = [(f"blocks{f}", names) for f, names in enumerate(per_fragment)]
+    if shared:
+        groups.append(("shared", shared))
+    params = dict(model.named_parameters())
+    return [Fragment(i, label, tuple(names), sum(params[n].numel() for n in names))
+            for i, (label, names) in enumerate(groups)]
+
+
+def sync_offsets(num_fragments: int, H: int) -> list[int]:
+    return [f * H // num_fragments for f in range(num_fragments)]
+
+
+def due_fragments(step: int, offsets: list[int], H: int) -> list[int]:
+    """Fragments that begin a sync right after inner step `step` (steps count from 1)."""
+    return [f for f, off in enumerate(offsets) if step > 0 and (step - off) % H == 0 and step >= off]
+
+
+def sync_round(step: int, offset: int, H: int) -> int:
+    """The round number of the sync that fragment begins at `step` (0 for its first)."""
+    return (step - offset) // H - (1 if offset == 0 else 0)
+
+
+class FlatView:
+    """One fragment's parameters seen as a single flat fp32 vector (for Δ, global copy, codecs)."""
+
+    def __init__(self, model: nn.Module, fragment: Fragment):
+        params = dict(model.named_parameters())
+        self.params = [params[n] for n in fragment.param_names]
+
+    def read(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
+
+    @torch.no_grad()
+    def write(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.copy_(flat[offset: offset + n].view_as(p))
+            offset += n

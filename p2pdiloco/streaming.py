@@ -1,0 +1,202 @@
+"""The Streaming DiLoCo engine: one worker's replica, its fragments' global copies and outer state.
+
+Algorithm (Streaming DiLoCo, arXiv 2501.18512; DiLoCo, arXiv 2311.08105): every worker runs inner
+AdamW steps on its own shard. Right after inner step t, each fragment f due at t (fragments.py)
+sends its pseudo-gradient Δ_f = θ_f,global − θ_f,local, encoded by the codec, to the averager, and
+training goes on. At step t + τ the weighted mean Δ̄_f is applied to the global copy by the outer
+optimizer and merged into the replica: θ_f,local ← α·θ_f,local + (1 − α)·θ_f,global.
+τ = 0 and α = 0 is plain DiLoCo's "restart from the new global parameters".
+
+Eager updates (arXiv 2502.12996), adapted to a τ-step delay: while the mean is in flight the worker
+trains from the outer step it would take if everyone's Δ equalled its own, θ̂ = Outer(θ_global, Δ_own);
+when the mean arrives it swaps that proxy base for the true one, keeping the τ steps of progress:
+θ_local ← θ_global,new + (θ_local − θ̂).
+
+Data-parallel is the same worker with `mode="data_parallel"`: gradients go through the same averager
+every step and every replica takes the same AdamW step. `dp_warmup_steps` runs the first steps that
+way before switching to streaming (DiLoCo's own experiments start from a data-parallel warm start).
+
+The engine knows nothing of sockets. A driver calls, for every step, in order:
+`forward_backward(batch)`, `optimizer_step()`, `send_due()`, `apply_due()`. In the simulator the
+driver runs phase by phase across workers, so every average is complete when it is awaited; a peer
+runs them in a loop and waits at most `timeout_s` for a late average, then keeps its local fragment.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .averaging import Averager, SyncKey
+from .codecs import get_codec
+from .fragments import FlatView, build_fragments, due_fragments, sync_offsets, sync_round
+from .inner import InnerOptimizer
+from .outer import OuterConfig, OuterSGD
+
+log = logging.getLogger("p2pdiloco.streaming")
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    mode: str = "streaming"  # or "data_parallel"
+    H: int = 100  # inner steps between two syncs of the same fragment
+    fragments: int = 4  # P: fragments of transformer blocks
+    strategy: str = "strided"
+    tau: int = 1  # steps between sending Δ_f and applying its mean
+    alpha: float = 0.5  # weight of the local replica when merging
+    eager: bool = False
+    codec: str = "e3m0"
+    dp_warmup_steps: int = 0
+    timeout_s: float = 60.0  # the longest a worker waits for a late average before skipping it
+
+    def validate(self, n_blocks: int) -> "StreamingConfig":
+        if self.mode not in ("streaming", "data_parallel"):
+            raise ValueError(f"streaming.mode '{self.mode}' is unknown; use 'streaming' or 'data_parallel'")
+        get_codec(self.codec)
+        if self.H < 1:
+            raise ValueError(f"streaming.H must be at least 1, got {self.H}")
+        if not 1 <= self.fragments <= n_blocks:
+            raise ValueError(f"streaming.fragments ({self.fragments}) must be between 1 and the model's "
+                             f"{n_blocks} blocks; use fewer fragments or a deeper model")
+        syncs = self.fragments + (self.fragments > 1)  # the `shared` fragment (fragments.py)
+        if self.tau < 0 or (self.tau > 0 and self.tau * syncs >= self.H):
+            raise ValueError(f"streaming.tau ({self.tau}) must be ≥ 0 and below H / fragment syncs = "
+                             f"{self.H} / {syncs}, so that a fragment's mean lands before the next "
+                             f"fragment sends; lower tau or raise H")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"streaming.alpha must be in [0, 1], got {self.alpha}")
+        if self.eager and self.tau == 0:
+            raise ValueError("streaming.eager needs streaming.tau ≥ 1: with no delay there is nothing to be eager about")
+        if self.dp_warmup_steps < 0 or self.timeout_s <= 0:
+            raise ValueError("streaming.dp_warmup_steps must be ≥ 0 and streaming.timeout_s positive")
+        return self
+
+
+@dataclass
+class _InFlight:
+    round: int
+    future: Future
+    apply_at: int
+    weight: float
+    proxy: torch.Tensor | None  # θ̂ for eager updates
+
+
+class Worker:
+    def __init__(self, name: str, model: nn.Module, inner: InnerOptimizer, cfg: StreamingConfig,
+                 outer: OuterConfig, averager: Averager):
+        self.name, self.model, self.inner, self.averager = name, model, inner, averager
+        self.cfg = cfg.validate(len(model.blocks))
+        self.codec = get_codec(cfg.codec)
+        self.grad_codec = get_codec("bf16")  # data-parallel's gradients travel as in a bf16 all-reduce
+        self.fragments = build_fragments(model, len(model.blocks), cfg.fragments, cfg.strategy)
+        self.views = [FlatView(model, f) for f in self.fragments]
+        self.global_params = [v.read() for v in self.views]
+        self.outer = [OuterSGD(outer, f.numel) for f in self.fragments]
+        self.offsets = sync_offsets(len(self.fragments), cfg.H)
+        self.in_flight: dict[int, _InFlight] = {}
+        self.tokens_since = [0] * len(self.fragments)
+        self.step = 0  # inner steps taken
+        self.tokens = 0
+        self.bytes_sent = 0
+        self.peak_sync_bytes = 0
+        self.skipped_rounds = 0
+        self._grad_future: Future | None = None
+
+    @property
+    def data_parallel_now(self) -> bool:
+        return self.cfg.mode == "data_parallel" or self.step < self.cfg.dp_warmup_steps
+
+    # ---- phase 1: local gradient (and, data-parallel, hand it to the averager)
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        loss = self.model(inputs, targets)
+        loss.backward()
+        n = targets.numel()
+        self.tokens += n
+        self.tokens_since = [t + n for t in self.tokens_since]
+        if self.data_parallel_now:
+            grads = torch.cat([p.grad.reshape(-1) for p in self.model.parameters()])
+            key = SyncKey("grad", 0, self.step)
+            self._grad_future = self.averager.submit(key, self.grad_codec.encode(grads), float(n))
+        return loss.item()
+
+    # ---- phase 2: the inner step (data-parallel: on the averaged gradient)
+    def optimizer_step(self) -> None:
+        if self._grad_future is not None:
+            result = self._grad_future.result(timeout=self.cfg.timeout_s)
+            self._grad_future = None
+            self._count_bytes(result.bytes_sent)
+            offset = 0
+            for p in self.model.parameters():
+                p.grad.copy_(result.mean[offset: offset + p.numel()].view_as(p))
+                offset += p.numel()
+        self.inner.step(self.step)
+        self.step += 1
+        if self.step == self.cfg.dp_warmup_steps and self.cfg.mode == "streaming":
+            # Switch to streaming: every replica is identical here, so this is the shared start.
+            self.global_params = [v.read() for v in self.views]
+            self.tokens_since = [0] * len(self.fragments)
+
+    # ---- phase 3: begin the syncs due after this step
+    def send_due(self) -> None:
+        if self.data_parallel_now:
+            return
+        for f in due_fragments(self.step, self.offsets, self.cfg.H):
+            if f in self.in_flight:  # its previous mean is still owed: settle it first
+                self._finish(f, self.in_flight.pop(f))
+            local = self.views[f].read()
+            delta = self.global_params[f] - local
+            rnd = sync_round(self.step, self.offsets[f], self.cfg.H)
+            future = self.averager.submit(SyncKey("fragment", f, rnd), self.codec.encode(delta),
+                                          float(self.tokens_since[f]))
+            proxy = None
+            if self.cfg.eager:
+                proxy = self.outer[f].preview(self.global_params[f], delta)
+                self.views[f].write(proxy)
+            self.in_flight[f] = _InFlight(rnd, future, self.step + self.cfg.tau, float(self.tokens_since[f]), proxy)
+            self.tokens_since[f] = 0
+
+    # ---- phase 4: apply the means that are due
+    def apply_due(self) -> None:
+        for f in sorted(self.in_flight):
+            if self.in_flight[f].apply_at <= self.step:
+                self._finish(f, self.in_flight.pop(f))
+
+    def flush(self) -> None:
+        """Apply every mean still in flight (end of training), whatever its due step."""
+        for f in sorted(self.in_flight):
+            self._finish(f, self.in_flight.pop(f))
+
+    def _finish(self, f: int, sync: _InFlight) -> None:
+        try:
+            result = sync.future.result(timeout=self.cfg.timeout_s)
+        except Exception as exc:  # a late or failed average: keep the local fragment, catch up next turn
+            self.skipped_rounds += 1
+            self.tokens_since[f] += int(sync.weight)
+            log.warning("%s: fragment %d round %d not averaged (%s: %s); keeping the local fragment",
+                        self.name, f, sync.round, type(exc).__name__, exc)
+            return
+        self._count_bytes(result.bytes_sent)
+        self.outer[f].step(self.global_params[f], result.mean)
+        local = self.views[f].read()
+        if sync.proxy is not None:
+            merged = self.global_params[f] + (local - sync.proxy)
+        else:
+            merged = self.cfg.alpha * local + (1 - self.cfg.alpha) * self.global_params[f]
+        self.views[f].write(merged)
+
+    def _count_bytes(self, n: int) -> None:
+        self.bytes_sent += n
+        self.peak_sync_bytes = max(self.peak_sync_bytes, n)
+
+    # ---- the model to evaluate and to export: the global parameters
+    @torch.no_grad()
+    def load_global_into(self, model: nn.Module) -> nn.Module:
+        if self.data_parallel_now:
+            model.load_state_dict(self.model.state_dict())
+            return model
+        for fragment, flat in zip(self.fragments, self.global_params):
+            FlatView(model, fragment).write(flat)
+        return model
