@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .codecs import Encoded
+from .codecs import Codec, Encoded
 
 
 @dataclass(frozen=True, order=True)
@@ -43,6 +43,15 @@ def span_bounds(numel: int, parts: int, align: int) -> list[tuple[int, int]]:
     bounds = [min(numel, (units * i // parts) * align) for i in range(parts + 1)]
     bounds[-1] = numel
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+def member_bytes(codec: Codec, numel: int, members: int, index: int) -> int:
+    """Bytes member `index` of `members` sends to average `numel` values once: its encoded parts
+    of the others' spans (reduce-scatter) and M − 1 copies of its span's encoded mean (all-gather)."""
+    spans = span_bounds(numel, members, codec.align)
+    own = codec.nbytes(spans[index][1] - spans[index][0])
+    others = sum(codec.nbytes(hi - lo) for i, (lo, hi) in enumerate(spans) if i != index)
+    return others + own * (members - 1)
 
 
 def weighted_mean(parts: list[tuple[Encoded, float]]) -> torch.Tensor:

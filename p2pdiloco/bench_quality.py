@@ -58,7 +58,8 @@ def run_quality(preset: str, cfg: SimConfig, json_path: str, methods=METHODS, pr
         result["parameters"] = run["parameters"]
         result["methods"][m] = {k: run[k] for k in ("eval_loss", "bytes_sent_per_worker", "peak_sync_bytes",
                                                      "tokens", "wall_s", "eval_loss_initial", "eval_curve",
-                                                     "skipped_rounds", "fragments")}
+                                                     "skipped_rounds", "fragments",
+                                                     "full_sync_bytes")}
         write_json(json_path, result)  # partial results survive an interrupted run
     result["ratios"] = ratios(result["methods"])
     write_json(json_path, result)
@@ -77,6 +78,7 @@ def ratios(methods: dict) -> dict:
                 r["bytes_fewer_than_data_parallel"] = dp["bytes_sent_per_worker"] / m["bytes_sent_per_worker"]
         if dl:
             r["eval_loss_vs_diloco"] = m["eval_loss"] / dl["eval_loss"]
+        r["peak_sync_vs_full_model_sync"] = m["peak_sync_bytes"] / m["full_sync_bytes"]
         out[name] = r
     return out
 

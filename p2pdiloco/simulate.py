@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .averaging import InProcessAverager
+from .averaging import InProcessAverager, member_bytes
+from .codecs import get_codec
 from .data import Corpus, DataConfig, ShardSampler
 from .inner import InnerConfig, InnerOptimizer
 from .model import Transformer, model_config
@@ -143,6 +144,12 @@ def run_simulation(cfg: SimConfig, corpus: Corpus | None = None, progress: Progr
         "peak_sync_bytes": max(w.peak_sync_bytes for w in workers),
         "skipped_rounds": sum(w.skipped_rounds for w in workers),
         "parameters": sim.base.num_parameters(),
+        # What one average of the whole model costs a worker in this run's codec, for comparison
+        # with peak_sync_bytes (a fragment's sync should be about 1/P of it).
+        "full_sync_bytes": max(member_bytes(get_codec("bf16" if cfg.streaming.mode == "data_parallel"
+                                                      else cfg.streaming.codec),
+                                            sim.base.num_parameters(), cfg.workers, i)
+                               for i in range(cfg.workers)),
         "fragments": [{"name": f.name, "numel": f.numel} for f in workers[0].fragments],
         "wall_s": wall,
         "config": _jsonable(asdict(cfg)),

@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from p2pdiloco.averaging import InProcessAverager, SyncKey, span_bounds, weighted_mean
+from p2pdiloco.averaging import InProcessAverager, SyncKey, member_bytes, span_bounds, weighted_mean
 from p2pdiloco.codecs import get_codec
 
 
@@ -55,8 +55,15 @@ def test_e3m0_average_within_codec_error_and_bytes_exact():
     assert rel < 0.35  # two 4-bit quantizations (parts, then the mean)
     codec = get_codec("e3m0")
     span = 8192 // 4  # 2 blocks of 1024 per owner: each member sends 3 parts and 3 copies of its mean
-    for r in results:
-        assert r.bytes_sent == 6 * codec.nbytes(span)
+    for i, r in enumerate(results):
+        assert r.bytes_sent == 6 * codec.nbytes(span) == member_bytes(codec, 8192, 4, i)
+
+
+def test_member_bytes_matches_the_averager_for_uneven_spans():
+    vectors = [torch.randn(5000) for _ in range(3)]
+    for name in ("e3m0", "int8", "bf16"):
+        results = _run(name, vectors, [1.0] * 3)
+        assert [r.bytes_sent for r in results] == [member_bytes(get_codec(name), 5000, 3, i) for i in range(3)]
 
 
 def test_dropped_member_completes_round_without_it():
