@@ -51,6 +51,8 @@ OPTIONS: list[tuple[str, str | None, str, dict]] = [
     ("--alpha", "streaming", "alpha", {"type": float, "help": "merge weight of the local replica"}),
     ("--eager", "streaming", "eager", {"action": "store_const", "const": True, "help": "eager updates"}),
     ("--codec", "streaming", "codec", {"choices": ["fp32", "bf16", "fp16", "int8", "e3m0"]}),
+    ("--no-error-feedback", "streaming", "error_feedback", {"action": "store_const", "const": False,
+                                                           "help": "send each round's Δ without last round's codec error"}),
     ("--dp-warmup-steps", "streaming", "dp_warmup_steps", {"type": int}),
     ("--timeout", "streaming", "timeout_s", {"type": float, "help": "seconds to wait for a late average"}),
     ("--inner-optimizer", "inner", "optimizer", {"choices": ["adamw", "sgd"]}),

@@ -70,6 +70,13 @@ def sync_round(step: int, offset: int, H: int) -> int:
     return (step - offset) // H - (1 if offset == 0 else 0)
 
 
+def next_round(step: int, offset: int, H: int) -> int:
+    """The round number of the fragment's first regular sync after `step`."""
+    t = step + 1
+    t += (offset - t) % H
+    return sync_round(max(t, offset if offset > 0 else H), offset, H)
+
+
 class FlatView:
     """One fragment's parameters seen as a single flat fp32 vector (for Δ, global copy, codecs)."""
 

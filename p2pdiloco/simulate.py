@@ -99,10 +99,13 @@ class Simulation:
             w.optimizer_step()
         for w in self.workers:
             w.send_due()
-        for w in self.workers:
-            w.apply_due()
         self.step += 1
-        if self.step == self.cfg.steps:  # no lost work: the last means in flight land
+        if self.step < self.cfg.steps:
+            for w in self.workers:
+                w.apply_due()
+        else:  # no lost work: a last sync of every fragment, then every mean lands
+            for w in self.workers:
+                w.send_final()
             for w in self.workers:
                 w.flush()
         return float(np.mean(losses))

@@ -32,7 +32,7 @@ from torch import nn
 
 from .averaging import Averager, SyncKey
 from .codecs import get_codec
-from .fragments import FlatView, build_fragments, due_fragments, sync_offsets, sync_round
+from .fragments import FlatView, build_fragments, due_fragments, next_round, sync_offsets, sync_round
 from .inner import InnerOptimizer
 from .outer import OuterConfig, OuterSGD
 
@@ -50,6 +50,7 @@ class StreamingConfig:
     eager: bool = False
     codec: str = "e3m0"
     dp_warmup_steps: int = 0
+    error_feedback: bool = True  # carry what the codec dropped into the fragment's next Δ
     timeout_s: float = 60.0  # the longest a worker waits for a late average before skipping it
 
     def validate(self, n_blocks: int) -> "StreamingConfig":
@@ -82,6 +83,8 @@ class _InFlight:
     apply_at: int
     weight: float
     proxy: torch.Tensor | None  # θ̂ for eager updates
+    residual_before: torch.Tensor | None  # error-feedback residual to restore if the round fails
+    alpha: float  # merge weight of the local replica when this mean lands
 
 
 class Worker:
@@ -95,6 +98,7 @@ class Worker:
         self.views = [FlatView(model, f) for f in self.fragments]
         self.global_params = [v.read() for v in self.views]
         self.outer = [OuterSGD(outer, f.numel) for f in self.fragments]
+        self.residuals = [torch.zeros(f.numel) for f in self.fragments] if cfg.error_feedback else None
         self.offsets = sync_offsets(len(self.fragments), cfg.H)
         self.in_flight: dict[int, _InFlight] = {}
         self.tokens_since = [0] * len(self.fragments)
@@ -144,19 +148,47 @@ class Worker:
         if self.data_parallel_now:
             return
         for f in due_fragments(self.step, self.offsets, self.cfg.H):
-            if f in self.in_flight:  # its previous mean is still owed: settle it first
-                self._finish(f, self.in_flight.pop(f))
-            local = self.views[f].read()
-            delta = self.global_params[f] - local
-            rnd = sync_round(self.step, self.offsets[f], self.cfg.H)
-            future = self.averager.submit(SyncKey("fragment", f, rnd), self.codec.encode(delta),
-                                          float(self.tokens_since[f]))
-            proxy = None
-            if self.cfg.eager:
-                proxy = self.outer[f].preview(self.global_params[f], delta)
-                self.views[f].write(proxy)
-            self.in_flight[f] = _InFlight(rnd, future, self.step + self.cfg.tau, float(self.tokens_since[f]), proxy)
-            self.tokens_since[f] = 0
+            self._send(f, sync_round(self.step, self.offsets[f], self.cfg.H), final=False)
+
+    def send_final(self) -> None:
+        """End of training: every fragment not synced at this very step syncs once more, so the
+        global parameters hold every replica's last steps (no lost work) and every method is
+        evaluated on a fully synced model. The replicas then restart from it (α = 0)."""
+        if self.data_parallel_now:
+            return
+        due = due_fragments(self.step, self.offsets, self.cfg.H)
+        for f in range(len(self.fragments)):
+            if f in due:  # sent at this step already: only its landing changes, no more training follows
+                if f in self.in_flight:
+                    self.in_flight[f].alpha = 0.0
+            else:
+                self._send(f, next_round(self.step, self.offsets[f], self.cfg.H), final=True)
+
+    def _send(self, f: int, rnd: int, final: bool) -> None:
+        if f in self.in_flight:  # its previous mean is still owed: settle it first
+            self._finish(f, self.in_flight.pop(f))
+        delta = self.global_params[f] - self.views[f].read()
+        encoded, residual_before = self._encode_delta(f, delta)
+        weight = float(self.tokens_since[f])
+        future = self.averager.submit(SyncKey("fragment", f, rnd), encoded, weight)
+        proxy = None
+        if self.cfg.eager and not final:
+            proxy = self.outer[f].preview(self.global_params[f], delta)
+            self.views[f].write(proxy)
+        self.in_flight[f] = _InFlight(rnd, future, self.step + (0 if final else self.cfg.tau), weight,
+                                      proxy, residual_before, 0.0 if final else self.cfg.alpha)
+        self.tokens_since[f] = 0
+
+    def _encode_delta(self, f: int, delta: torch.Tensor):
+        """Encode Δ_f; with error feedback, first add what the codec dropped last round (a lossy
+        codec's error then cancels across rounds instead of accumulating: EF-SGD)."""
+        if self.residuals is None or self.codec.name == "fp32":
+            return self.codec.encode(delta), None
+        before = self.residuals[f]
+        target = delta + before
+        encoded = self.codec.encode(target)
+        self.residuals[f] = target - encoded.decode()
+        return encoded, before
 
     # ---- phase 4: apply the means that are due
     def apply_due(self) -> None:
@@ -175,6 +207,8 @@ class Worker:
         except Exception as exc:  # a late or failed average: keep the local fragment, catch up next turn
             self.skipped_rounds += 1
             self.tokens_since[f] += int(sync.weight)
+            if sync.residual_before is not None:  # the next Δ carries this round's drift in full
+                self.residuals[f] = sync.residual_before
             log.warning("%s: fragment %d round %d not averaged (%s: %s); keeping the local fragment",
                         self.name, f, sync.round, type(exc).__name__, exc)
             return
@@ -184,7 +218,7 @@ class Worker:
         if sync.proxy is not None:
             merged = self.global_params[f] + (local - sync.proxy)
         else:
-            merged = self.cfg.alpha * local + (1 - self.cfg.alpha) * self.global_params[f]
+            merged = sync.alpha * local + (1 - sync.alpha) * self.global_params[f]
         self.views[f].write(merged)
 
     def _count_bytes(self, n: int) -> None:

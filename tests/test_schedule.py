@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from p2pdiloco.fragments import FlatView, build_fragments, due_fragments, sync_offsets, sync_round
+from p2pdiloco.fragments import FlatView, build_fragments, due_fragments, next_round, sync_offsets, sync_round
 from p2pdiloco.model import Transformer, model_config
 
 
@@ -60,6 +60,10 @@ def test_each_fragment_syncs_once_per_H(F, H):
         assert all(b - a == H for a, b in zip(steps, steps[1:]))
         assert [sync_round(t, offsets[f], H) for t in steps] == list(range(len(steps)))
         assert len(steps) in (T // H, T // H + 1)
+        for t in range(0, T):  # the round after any step is the next regular sync's round
+            following = [s for s in steps if s > t]
+            if following:
+                assert next_round(t, offsets[f], H) == sync_round(following[0], offsets[f], H)
 
 
 def test_flat_view_roundtrip(model):

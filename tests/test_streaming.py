@@ -114,10 +114,15 @@ def test_same_seed_same_result(text_file, small_corpus):
 
 def test_all_workers_share_the_global_parameters(text_file, small_corpus):
     sim = Simulation(sim_config(text_file, H=6, fragments=2, tau=1, alpha=0.5, codec="e3m0"), small_corpus)
-    for _ in range(12):
+    for _ in range(11):
         sim.train_step()
     for f in range(len(sim.workers[0].fragments)):
         assert all(torch.equal(w.global_params[f], sim.workers[0].global_params[f]) for w in sim.workers)
+    sim.train_step()  # the last step: a final sync of every fragment, replicas restart from it
+    final = params(sim.workers[0])
+    assert all(torch.equal(params(w), final) for w in sim.workers)
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in sim.global_model().parameters()]), final)
+    assert not sim.workers[0].in_flight
 
 
 def test_late_average_is_skipped_and_caught_up(text_file, small_corpus):
@@ -134,10 +139,40 @@ def test_late_average_is_skipped_and_caught_up(text_file, small_corpus):
     assert all(w.skipped_rounds == 1 for w in sim.workers)
     assert all(torch.equal(params(w), b) for w, b in zip(sim.workers, before))  # local fragment kept
     assert all(w.tokens_since[0] == w.tokens for w in sim.workers)  # next round carries both rounds' work
+    assert all(torch.count_nonzero(w.residuals[0]) == 0 for w in sim.workers)  # fp32: nothing dropped
     sim.averager.drop("ghost")
     for _ in range(4):
         sim.train_step()
     assert all(w.skipped_rounds == 1 for w in sim.workers)
+
+
+def test_error_feedback_carries_the_codec_error(text_file, small_corpus):
+    cfg = sim_config(text_file, H=3, fragments=1, tau=0, alpha=0.0, codec="e3m0")
+    sim = Simulation(cfg, small_corpus)
+    w = sim.workers[0]
+    sent = []
+    w.averager = _Recorder(w.averager, sent)
+    for _ in range(6):
+        sim.train_step()
+    # Round 2 sent Δ₂ + (what round 1 dropped); the residual is what round 2 dropped in turn.
+    assert len(sent) == 2
+    first, second = sent
+    assert torch.count_nonzero(w.residuals[0]) > 0
+    target = second + w.residuals[0]  # what round 2 meant to send: decoded + dropped
+    bound = torch.maximum(target.abs() / 3, target.abs().max().expand_as(target) / 64)
+    assert (w.residuals[0].abs() <= bound * (1 + 1e-5)).all()
+    no_ef = Simulation(sim_config(text_file, H=3, fragments=1, tau=0, alpha=0.0, codec="e3m0",
+                                  error_feedback=False), small_corpus)
+    assert no_ef.workers[0].residuals is None
+
+
+class _Recorder:
+    def __init__(self, inner, sent):
+        self.inner, self.sent = inner, sent
+
+    def submit(self, key, encoded, weight):
+        self.sent.append(encoded.decode())
+        return self.inner.submit(key, encoded, weight)
 
 
 @pytest.mark.parametrize("kwargs,match", [
