@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from .averaging import member_bytes
+from .codecs import get_codec
 from .data import Corpus
 from .simulate import SimConfig, run_simulation, write_json
 from .streaming import StreamingConfig
@@ -65,13 +67,23 @@ def run_quality(preset: str, cfg: SimConfig, json_path: str, methods=METHODS, pr
                                                      "skipped_rounds", "fragments",
                                                      "full_sync_bytes")}
         write_json(json_path, result)  # partial results survive an interrupted run
-    result["ratios"] = ratios(result["methods"])
+    result["ratios"] = ratios(result["methods"], cfg)
     write_json(json_path, result)
     plot(result, Path(json_path).with_suffix(".png"))
     return result
 
 
-def ratios(methods: dict) -> dict:
+def round_bytes(name: str, cfg: SimConfig, fragments: list[dict]) -> int:
+    """Bytes a worker sends in one steady-state period of H steps: one sync of every fragment
+    (or H gradient all-reduces for data-parallel), from the same exact accounting as the run."""
+    codec = get_codec("bf16" if name == "data_parallel" else method_config(name, cfg.streaming).codec)
+    one = lambda numel: max(member_bytes(codec, numel, cfg.workers, i) for i in range(cfg.workers))
+    if name == "data_parallel":
+        return cfg.streaming.H * one(sum(f["numel"] for f in fragments))
+    return sum(one(f["numel"]) for f in fragments)
+
+
+def ratios(methods: dict, cfg: SimConfig) -> dict:
     out = {}
     dp, dl = methods.get("data_parallel"), methods.get("diloco")
     for name, m in methods.items():
@@ -80,6 +92,9 @@ def ratios(methods: dict) -> dict:
             r["eval_loss_vs_data_parallel"] = m["eval_loss"] / dp["eval_loss"]
             if m["bytes_sent_per_worker"]:
                 r["bytes_fewer_than_data_parallel"] = dp["bytes_sent_per_worker"] / m["bytes_sent_per_worker"]
+                # The same without the run's start and end (first syncs, final sync): one H period.
+                r["bytes_fewer_than_data_parallel_per_H_steps"] = (
+                    round_bytes("data_parallel", cfg, dp["fragments"]) / round_bytes(name, cfg, m["fragments"]))
         if dl:
             r["eval_loss_vs_diloco"] = m["eval_loss"] / dl["eval_loss"]
         r["peak_sync_vs_full_model_sync"] = m["peak_sync_bytes"] / m["full_sync_bytes"]
@@ -93,11 +108,12 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = result["methods"]
+    color = {name: f"C{i}" for i, name in enumerate(METHODS)}
     fig, axes = plt.subplots(1, 2 if "data_parallel" in methods else 1, figsize=(12, 4.5), squeeze=False)
     ax = axes[0][0]
     for name, m in methods.items():
         xs = [c["tokens"] for c in m["eval_curve"][1:]]
-        ax.plot(xs, [c["eval_loss"] for c in m["eval_curve"][1:]], marker=".", label=name)
+        ax.plot(xs, [c["eval_loss"] for c in m["eval_curve"][1:]], marker=".", label=name, color=color.get(name))
     ax.set(xlabel="tokens (all workers)", ylabel="eval loss (global parameters)",
            title=f"preset {result['preset']}: M={result['workers']}, H={result['H']}, P={result['fragments']}")
     ax.grid(alpha=0.3)
@@ -109,7 +125,7 @@ def plot(result: dict, path: Path) -> None:
             if name == "data_parallel":
                 continue
             pts = [(c["tokens"], c["eval_loss"] / dp[c["tokens"]]) for c in m["eval_curve"][1:] if c["tokens"] in dp]
-            ax.plot(*zip(*pts), marker=".", label=name)
+            ax.plot(*zip(*pts), marker=".", label=name, color=color.get(name))
         ax.axhline(1.03, color="gray", linestyle="--", linewidth=1, label="1.03 × data_parallel")
         ax.set(xlabel="tokens (all workers)", ylabel="eval loss / data_parallel's", title="ratio to data-parallel")
         ax.grid(alpha=0.3)
