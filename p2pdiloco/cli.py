@@ -1,4 +1,4 @@
-"""The `p2pdiloco` command: simulate, bench quality.
+"""The `p2pdiloco` command: simulate, peer, status, local-swarm, bench quality, bench allreduce.
 
 Errors in configs or input print one line that says what to fix and exit with status 2;
 Ctrl-C stops with status 130 and keeps what was already written.
@@ -31,16 +31,40 @@ def main(argv: list[str] | None = None) -> int:
     quality.add_argument("--json", metavar="FILE", required=True, help="results; a PNG plot is written beside it")
     quality.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     config.add_options(quality)
+    allreduce = bench_sub.add_parser("allreduce", help="one average across N peer processes: ours vs gloo vs hivemind")
+    allreduce.add_argument("--peers", type=int, default=4)
+    allreduce.add_argument("--numel", type=int, default=10_000_000, help="fp32 values per peer (default: %(default)s)")
+    allreduce.add_argument("--repeats", type=int, default=5, help="timed averages per method, after one warm-up")
+    allreduce.add_argument("--bandwidth", metavar="RATE", help="shape loopback to this rate (100mbit; root)")
+    allreduce.add_argument("--methods", nargs="+", metavar="NAME", help="a subset of the methods (default: all four)")
+    allreduce.add_argument("--json", metavar="FILE", required=True)
+    allreduce.set_defaults(threads=0)  # every peer process uses one thread
 
-    args = parser.parse_args(argv)
+    from .swarm.cli import add_local_swarm_parser, add_peer_parser
+    from .swarm.control import SwarmStartError
+    add_peer_parser(sub)
+    add_local_swarm_parser(sub)
+
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "local-swarm":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         if args.command == "simulate":
             return _simulate(args)
+        if args.command == "local-swarm":
+            from .swarm.cli import run_local_swarm_command
+            return run_local_swarm_command(args, rest)
+        if args.command in ("peer", "status"):
+            from .swarm.cli import run_peer_command, run_status_command
+            return run_peer_command(args) if args.command == "peer" else run_status_command(args)
+        if args.bench == "allreduce":
+            from .bench_allreduce import cli as bench_allreduce
+            return bench_allreduce(args)
         return _bench_quality(args)
-    except ValueError as exc:
+    except (ValueError, SwarmStartError, TimeoutError) as exc:
         print(f"p2pdiloco: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -143,8 +143,10 @@ class Corpus:
 class ShardSampler:
     """A worker's endless, deterministic walk over its shard: a fresh seeded order every epoch."""
 
-    def __init__(self, corpus: Corpus, worker: int, workers: int, batch_size: int):
-        self.corpus, self.batch_size, self.worker = corpus, batch_size, worker
+    def __init__(self, corpus: Corpus, worker: int, workers: int, batch_size: int, stream: int | None = None):
+        # `stream` seeds the order instead of the worker index: a swarm peer without a fixed shard
+        # walks all the data in an order of its own.
+        self.corpus, self.batch_size, self.worker = corpus, batch_size, worker if stream is None else stream
         self.windows = corpus.shard(worker, workers)
         self.epoch, self.pos = 0, 0
         self._order = self._shuffle()

@@ -24,6 +24,8 @@ runs them in a loop and waits at most `timeout_s` for a late average, then keeps
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -107,6 +109,12 @@ class Worker:
         self.bytes_sent = 0
         self.peak_sync_bytes = 0
         self.skipped_rounds = 0
+        self.applied_rounds: dict[int, int] = {}  # fragment -> the last round whose mean was applied
+        self.missed: set[int] = set()  # fragments whose last round failed here (a swarm peer catches up)
+        self.wait_s = 0.0  # time spent blocked on averages that were late
+        # Held while the global copies change, so another thread (a swarm peer serving its state to
+        # a newcomer) can read a consistent copy at any time.
+        self.lock = threading.RLock()
         self._grad_future: Future | None = None
 
     @property
@@ -129,7 +137,7 @@ class Worker:
     # ---- phase 2: the inner step (data-parallel: on the averaged gradient)
     def optimizer_step(self) -> None:
         if self._grad_future is not None:
-            result = self._grad_future.result(timeout=self.cfg.timeout_s)
+            result = self._await(self._grad_future)
             self._grad_future = None
             self._count_bytes(result.bytes_sent)
             offset = 0
@@ -203,9 +211,10 @@ class Worker:
 
     def _finish(self, f: int, sync: _InFlight) -> None:
         try:
-            result = sync.future.result(timeout=self.cfg.timeout_s)
+            result = self._await(sync.future)
         except Exception as exc:  # a late or failed average: keep the local fragment, catch up next turn
             self.skipped_rounds += 1
+            self.missed.add(f)
             self.tokens_since[f] += int(sync.weight)
             if sync.residual_before is not None:  # the next Δ carries this round's drift in full
                 self.residuals[f] = sync.residual_before
@@ -213,13 +222,22 @@ class Worker:
                         self.name, f, sync.round, type(exc).__name__, exc)
             return
         self._count_bytes(result.bytes_sent)
-        self.outer[f].step(self.global_params[f], result.mean)
+        with self.lock:
+            self.applied_rounds[f] = sync.round
+            self.outer[f].step(self.global_params[f], result.mean)
         local = self.views[f].read()
         if sync.proxy is not None:
             merged = self.global_params[f] + (local - sync.proxy)
         else:
             merged = sync.alpha * local + (1 - sync.alpha) * self.global_params[f]
         self.views[f].write(merged)
+
+    def _await(self, future: Future):
+        start = time.perf_counter()
+        try:
+            return future.result(timeout=self.cfg.timeout_s)
+        finally:
+            self.wait_s += time.perf_counter() - start
 
     def _count_bytes(self, n: int) -> None:
         self.bytes_sent += n

@@ -29,3 +29,15 @@ def text_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_corpus(text_file):
     return Corpus.load(DataConfig(paths=(str(text_file),), seq_len=32))
+
+
+@pytest.fixture
+def swarm(tmp_path):
+    """Start real peer processes; every process group they made is killed when the test ends."""
+    from peers import Swarm
+
+    s = Swarm(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()

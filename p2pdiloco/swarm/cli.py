@@ -1,0 +1,110 @@
+"""The swarm's commands: `p2pdiloco peer` and `p2pdiloco status`.
+
+`peer` takes every training option of `simulate` (or a `--config` file, whose `[swarm]` table holds
+the fields of `SwarmConfig`) plus the swarm options below; options given on the command line win.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from .. import config
+from ..config import build
+from .config import SwarmConfig
+
+SWARM_OPTIONS: list[tuple[str, str, dict]] = [
+    ("--initial-peers", "initial_peers", {"nargs": "+", "metavar": "MADDR",
+                                          "help": "multiaddrs of live peers (none: start a new swarm)"}),
+    ("--run-id", "run_id", {"help": "name of the run; peers of one run find each other by it"}),
+    ("--host", "host", {"help": "address to listen on (default 127.0.0.1)"}),
+    ("--announce-host", "announce_host", {"help": "address other peers reach this one at"}),
+    ("--port", "port", {"type": int, "help": "gRPC data plane port (default 0: any free port)"}),
+    ("--dht-port", "dht_port", {"type": int, "help": "libp2p DHT port (default 0: any free port)"}),
+    ("--identity", "identity_path", {"metavar": "FILE", "help": "libp2p key file for a stable peer id"}),
+    ("--transport", "transport", {"choices": ["auto", "grpc", "libp2p"]}),
+    ("--group-size", "group_size", {"type": int}),
+    ("--matchmaking-timeout", "matchmaking_s", {"type": float, "help": "seconds to wait for peers to declare a round"}),
+    ("--reduce-timeout", "reduce_timeout_s", {"type": float, "help": "seconds to wait for parts and answers"}),
+    ("--heartbeat", "heartbeat_s", {"type": float}),
+    ("--record-ttl", "record_ttl_s", {"type": float}),
+    ("--join-timeout", "join_timeout_s", {"type": float}),
+    ("--wait-for-peers", "wait_for_peers", {"type": int, "help": "start once this many peers are present"}),
+    ("--max-message-mb", "max_message_mb", {"type": int}),
+    ("--shard", "shard", {"type": int, "help": "data shard in [0, --workers); default: a random order of all data"}),
+    ("--checkpoint-dir", "checkpoint_dir", {}),
+    ("--json", "summary_json", {"metavar": "FILE", "help": "write the peer's summary here at the end"}),
+]
+
+
+def add_peer_parser(sub) -> None:
+    peer = sub.add_parser("peer", help="join (or start) a swarm and train")
+    config.add_options(peer)
+    for flag, field, kwargs in SWARM_OPTIONS:
+        peer.add_argument(flag, dest=f"swarm_{field}", default=None, **kwargs)
+    peer.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    status = sub.add_parser("status", help="the live peers of a run and their progress, from the DHT")
+    status.add_argument("--initial-peers", nargs="+", metavar="MADDR", required=True)
+    status.add_argument("--run-id", default="p2pdiloco")
+    status.add_argument("--json", action="store_true", help="print the records as JSON")
+    status.set_defaults(threads=0)
+
+
+def add_local_swarm_parser(sub) -> None:
+    local = sub.add_parser("local-swarm", help="run N peer processes on loopback and summarize (the README's main command)",
+                           description="Options not listed here (any `peer` option) are passed to every peer.")
+    local.add_argument("--peers", type=int, default=4)
+    local.add_argument("--workdir", default="runs/local-swarm", help="each peer's log, checkpoint and summary")
+    local.add_argument("--timeout", type=float, default=1800, help="seconds before the whole run is stopped")
+    local.set_defaults(threads=0)
+
+
+def run_local_swarm_command(args, peer_args: list[str]) -> int:
+    from pathlib import Path
+
+    from .local import print_summary, run_local_swarm
+    if args.peers < 1:
+        raise ValueError(f"--peers must be at least 1, got {args.peers}")
+    result = run_local_swarm(args.peers, peer_args, Path(args.workdir), args.timeout)
+    print_summary(result)
+    (Path(args.workdir) / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def peer_configs(args: argparse.Namespace):
+    mapping = config.read_file(args.config) if args.config else {}
+    swarm_map = mapping.pop("swarm", {})
+    if not isinstance(swarm_map, dict):
+        raise ValueError("config: 'swarm' must be a table of fields")
+    for _, field, _ in SWARM_OPTIONS:
+        value = getattr(args, f"swarm_{field}")
+        if value is not None:
+            swarm_map[field] = tuple(value) if isinstance(value, list) else value
+    args.config = None
+    sim = config.sim_config(args, defaults=mapping)
+    return sim, build(SwarmConfig, swarm_map, "swarm.").validate(sim.workers)
+
+
+def run_peer_command(args) -> int:
+    from .peer import run_peer
+    sim, swarm = peer_configs(args)
+    return run_peer(sim, swarm)
+
+
+def run_status_command(args) -> int:
+    from .control import ControlConfig, ControlPlane
+    SwarmConfig(run_id=args.run_id, initial_peers=tuple(args.initial_peers)).validate(1)
+    control = ControlPlane(ControlConfig(args.run_id, tuple(args.initial_peers)))
+    try:
+        records = control.peers()
+    finally:
+        control.shutdown()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in records], indent=2))
+        return 0
+    print(f"run '{args.run_id}': {len(records)} live peer(s)")
+    for r in records:
+        rounds = " ".join(f"f{k}:r{v}" for k, v in sorted(r.rounds.items())) or "-"
+        print(f"  {r.peer_id}  {r.state:8s} step {r.step:>7,d}  {r.tokens_per_s:>10,.0f} tok/s  "
+              f"last rounds {rounds}  at {r.address}")
+    return 0
+

@@ -1,0 +1,68 @@
+"""The swarm's typed config: the `[swarm]` table of a config file and the peer command's options.
+
+Every network wait is one of these fields, so every timeout is explicit and documented here.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    run_id: str = "p2pdiloco"  # peers of one run find each other under this name
+    initial_peers: tuple[str, ...] = ()  # multiaddrs of any live peers; none: start a new swarm
+    host: str = "127.0.0.1"  # address to listen on, for the DHT and the data plane
+    announce_host: str = ""  # address other peers reach this one at (default: host)
+    port: int = 0  # gRPC data plane port (0: any free port)
+    dht_port: int = 0  # libp2p port of the DHT (0: any free port)
+    identity_path: str = ""  # a libp2p key file: a stable peer id, and so a stable join line
+    transport: str = "grpc"  # grpc (only grpc is implemented so far; libp2p is refused with a message)
+    group_size: int = 16  # peers per averaging group; larger swarms regroup at random every round
+    matchmaking_s: float = 5.0  # the longest a peer waits for the other live peers to declare a round
+    reduce_timeout_s: float = 15.0  # the longest an owner waits for parts, and a member for an answer
+    heartbeat_s: float = 1.0  # how often a peer refreshes its DHT record
+    record_ttl_s: float = 5.0  # a record not refreshed for this long expires: the peer is gone
+    join_timeout_s: float = 60.0  # one attempt to download the state from one donor
+    wait_for_peers: int = 1  # start training once this many peers (this one included) are present
+    max_message_mb: int = 256  # largest data-plane message accepted, in MiB
+    shard: int = -1  # data shard index in [0, workers); -1: a peer-specific random order over all data
+    checkpoint_dir: str = "checkpoints"
+    summary_json: str = ""  # where to write the peer's summary at the end ("" : none)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb << 20
+
+    @property
+    def max_state_bytes(self) -> int:
+        return 64 << 30
+
+    def validate(self, workers: int) -> "SwarmConfig":
+        if not RUN_ID.match(self.run_id):
+            raise ValueError(f"swarm.run_id '{self.run_id}' must be 1-64 letters, digits, '.', '_' or '-'")
+        for m in self.initial_peers:
+            if not m.startswith("/") or "/p2p/" not in m:
+                raise ValueError(f"swarm.initial_peers: '{m}' is not a libp2p multiaddress with a peer id "
+                                 f"(like /ip4/1.2.3.4/tcp/4000/p2p/12D3Koo...); copy it from a peer's join line")
+        if self.transport not in ("grpc", "auto", "libp2p"):
+            raise ValueError(f"swarm.transport '{self.transport}' is unknown; use auto, grpc or libp2p")
+        if self.transport == "libp2p":
+            raise ValueError("swarm.transport 'libp2p' is not implemented yet; use grpc (peers must reach each "
+                             "other's --port)")
+        for name in ("port", "dht_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"swarm.{name} must be a TCP port in [0, 65535], got {getattr(self, name)}")
+        for name in ("matchmaking_s", "reduce_timeout_s", "heartbeat_s", "record_ttl_s", "join_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"swarm.{name} must be positive, got {getattr(self, name)}")
+        if self.record_ttl_s < 2 * self.heartbeat_s:
+            raise ValueError(f"swarm.record_ttl_s ({self.record_ttl_s}) must be at least twice heartbeat_s "
+                             f"({self.heartbeat_s}), or live peers flicker out of the swarm")
+        if self.group_size < 2 or self.wait_for_peers < 1 or self.max_message_mb < 1:
+            raise ValueError("swarm.group_size must be ≥ 2, swarm.wait_for_peers ≥ 1 and swarm.max_message_mb ≥ 1")
+        if not -1 <= self.shard < workers:
+            raise ValueError(f"swarm.shard ({self.shard}) must be -1 (automatic) or in [0, workers={workers})")
+        return self

@@ -1,0 +1,101 @@
+"""`p2pdiloco local-swarm`: the README's main command. Starts N real peer processes on loopback (the
+first starts the swarm, the others join it through its printed join line), shows their progress,
+and ends with a summary: eval loss before and after, bytes each peer sent against what
+data-parallel training would have sent, and the fraction of wall time spent computing.
+
+Every peer is its own process group; all of them are stopped on Ctrl-C, on error, and at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+JOIN = re.compile(r"join with: .*--initial-peers (\S+)")
+
+
+class _Proc:
+    def __init__(self, name: str, argv: list[str], workdir: Path, echo):
+        workdir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        self.name, self.lines, self.echo, self.workdir = name, [], echo, workdir
+        self.proc = subprocess.Popen([sys.executable, "-m", "p2pdiloco.cli", "peer", *argv], cwd=workdir, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        with open(self.workdir / "peer.log", "w") as log:
+            for line in self.proc.stdout:
+                log.write(line)
+                self.lines.append(line.rstrip())
+                if line.startswith("[peer]") or "WARN" in line or "error" in line.lower():
+                    self.echo(f"{self.name}: {line.rstrip()}")
+
+    def join_address(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = JOIN.search(line)
+                if m:
+                    return m.group(1)
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} printed no join line within {timeout:.0f}s (see {self.workdir / 'peer.log'})")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the DHT process and p2pd daemon, if any are left
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def run_local_swarm(peers: int, peer_args: list[str], workdir: Path, timeout_s: float, echo=print) -> dict:
+    procs: list[_Proc] = []
+    start = time.monotonic()
+    try:
+        args = [*peer_args, "--wait-for-peers", str(peers), "--json", "summary.json", "--run-id", "local"]
+        procs.append(_Proc("peer0", args, workdir / "peer0", echo))
+        address = procs[0].join_address(timeout=120)
+        for i in range(1, peers):
+            procs.append(_Proc(f"peer{i}", [*args, "--initial-peers", address], workdir / f"peer{i}", echo))
+        for p in procs:
+            left = max(1.0, timeout_s - (time.monotonic() - start))
+            try:
+                p.proc.wait(left)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{p.name} did not finish within --timeout {timeout_s:.0f}s") from None
+    finally:
+        for p in procs:
+            p.stop()
+    summaries = []
+    for p in procs:
+        path = p.workdir / "summary.json"
+        if p.proc.returncode != 0 or not path.exists():
+            raise RuntimeError(f"{p.name} failed (exit {p.proc.returncode}); its log: {p.workdir / 'peer.log'}")
+        summaries.append(json.loads(path.read_text()))
+    return {"peers": summaries, "wall_s": time.monotonic() - start}
+
+
+def print_summary(result: dict, out=print) -> None:
+    out(f"\n{'peer':14s} {'eval before':>11s} {'eval after':>10s} {'bytes sent':>14s} {'data-parallel':>15s} "
+        f"{'fewer':>7s} {'compute':>8s} {'skipped':>8s}")
+    for s in result["peers"]:
+        out(f"…{s['peer_id'][-12:]:13s} {s['eval_loss_initial']:11.4f} {s['eval_loss']:10.4f} {s['bytes_sent']:14,d} "
+            f"{s['data_parallel_bytes']:15,d} {s['data_parallel_bytes'] / max(s['bytes_sent'], 1):6.0f}× "
+            f"{s['compute_fraction']:8.0%} {s['skipped_rounds']:8d}")
+    out(f"wall time {result['wall_s']:.0f}s; every peer's log and summary.json are under the --workdir")

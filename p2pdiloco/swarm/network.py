@@ -1,0 +1,160 @@
+"""Everything a peer does on the network, on its own thread: the DHT, the gRPC data plane, the
+heartbeat, the averages, and the state download. The training thread sees only `SwarmAverager`
+(the engine's `Averager`) and a few blocking calls with explicit timeouts.
+
+Timeouts (all in `SwarmConfig`, swarm/config.py):
+- `matchmaking_s`: how long a peer waits for the other live peers to declare a round;
+- `reduce_timeout_s`: how long an owner waits for the parts of its span, and a member for an answer;
+- `record_ttl_s`: a peer whose heartbeat stops is no longer listed after this;
+- `join_timeout_s`: one state download attempt from one donor.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from concurrent.futures import Future
+
+import grpc
+
+from ..averaging import AverageResult, Averager, SyncKey
+from ..codecs import Encoded
+from .config import SwarmConfig
+from .control import ControlConfig, ControlPlane, SwarmStartError
+from .dataplane import Channels, Identity, RoundBook, Servicer, allreduce, channel_options
+from .gen import p2pdiloco_pb2_grpc as pb_grpc
+from .loop import BackgroundLoop
+from .matchmaking import Member, form_group
+from .records import PeerRecord
+from .state import StateError, download_state
+
+log = logging.getLogger("p2pdiloco.network")
+
+
+class Network:
+    def __init__(self, cfg: SwarmConfig, config_hash: str, config_text: str, codec: str, state_provider):
+        self.cfg, self.config_hash, self.config_text = cfg, config_hash, config_text
+        self.loop = BackgroundLoop()
+        self.control: ControlPlane | None = None
+        self.server: grpc.aio.Server | None = None
+        self.status = {"state": "joining", "step": 0, "tokens": 0, "tokens_per_s": 0.0, "rounds": {}}
+        try:
+            self.control = ControlPlane(ControlConfig(cfg.run_id, cfg.initial_peers, cfg.host, cfg.dht_port,
+                                                      cfg.identity_path or None))
+            self.peer_id = self.control.peer_id
+            self.identity = Identity(cfg.run_id, config_hash, self.peer_id, codec)
+            self.book = RoundBook(self.identity, cfg.reduce_timeout_s)
+            self.channels = Channels(cfg.max_message_bytes)
+            self.address = self.loop.call(self._serve(state_provider), timeout=30)
+            self.me = Member(self.peer_id, self.address)
+            self.publish()
+            self._heartbeat = self.loop.submit(self._beat())
+        except BaseException:
+            self.close()
+            raise
+
+    async def _serve(self, state_provider) -> str:
+        # No SO_REUSEPORT: a port already in use must be an error, not a silently shared port.
+        self.server = grpc.aio.server(options=channel_options(self.cfg.max_message_bytes) + [("grpc.so_reuseport", 0)])
+        pb_grpc.add_AveragingServicer_to_server(Servicer(self.book, state_provider), self.server)
+        try:
+            port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+            if port == 0:
+                raise RuntimeError("bind failed")
+        except RuntimeError as exc:
+            raise SwarmStartError(f"cannot listen on {self.cfg.host}:{self.cfg.port} ({exc}); "
+                                  f"choose another --port, or 0 for any free port") from None
+        await self.server.start()
+        return f"{self.cfg.announce_host or self.cfg.host}:{port}"
+
+    # ---- the peer record and its heartbeat
+    def record(self) -> PeerRecord:
+        s = self.status
+        return PeerRecord(self.peer_id, self.address, self.control.maddrs(), 1, self.config_hash,
+                          self.config_text, s["state"], int(s["step"]), int(s["tokens"]),
+                          float(s["tokens_per_s"]), {str(k): int(v) for k, v in s["rounds"].items()})
+
+    def publish(self) -> None:
+        if not self.control.publish(self.record(), self.cfg.record_ttl_s):
+            log.debug("the DHT did not take this peer's record (a newer one won); the next heartbeat retries")
+
+    async def _beat(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            try:
+                await loop.run_in_executor(None, self.publish)
+            except Exception as exc:  # a missed heartbeat is logged; the record's TTL covers a few
+                log.warning("heartbeat failed: %s", exc)
+
+    def join_line(self) -> str:
+        maddrs = self.control.maddrs()
+        return f"p2pdiloco peer --run-id {self.cfg.run_id} --initial-peers {maddrs[0]}"
+
+    # ---- peers and averages
+    def peers(self) -> list[PeerRecord]:
+        return self.control.peers()
+
+    def training_peers(self) -> list[str]:
+        return [r.peer_id for r in self.control.peers() if r.state == "training" and r.config_hash == self.config_hash]
+
+    def averager(self) -> Averager:
+        return SwarmAverager(self)
+
+    async def average(self, key: SyncKey, encoded: Encoded, weight: float) -> AverageResult:
+        c = self.cfg
+        group = await form_group(self.control, key, self.me, self.training_peers, c.group_size, c.matchmaking_s)
+        result = await allreduce(self.book, self.channels, group, encoded, weight, c.reduce_timeout_s)
+        log.debug("%s %d round %d: averaged with %d peer(s) (matchmaking %.2fs)", key.kind, key.index, key.round,
+                 len(result.participants), group.waited_s)
+        return result
+
+    def download(self, donors: list[PeerRecord], fragments: set[int] | None = None) -> bytes:
+        """The state of the first donor that gives a complete, verified copy."""
+        errors = []
+        for rec in random.sample(donors, len(donors)):
+            try:
+                return self.loop.call(self._download(rec.address, fragments), timeout=self.cfg.join_timeout_s + 5)
+            except (StateError, TimeoutError, asyncio.TimeoutError) as exc:
+                log.warning("state download from %s failed: %s", rec.peer_id[-8:], exc)
+                errors.append(f"{rec.peer_id[-8:]}: {exc}")
+        raise StateError("no live peer gave this newcomer its state (" + "; ".join(errors) + ")")
+
+    async def _download(self, address: str, fragments: set[int] | None) -> bytes:
+        stub = self.channels.stub(address)  # channels belong to the loop: make them on it
+        return await download_state(stub, self.identity.caller(), self.cfg.join_timeout_s, self.cfg.max_state_bytes,
+                                    fragments)
+
+    # ---- leaving
+    def close(self) -> None:
+        """Leave: mark the record 'left' so nobody waits for this peer, stop serving, stop the DHT."""
+        if self.control is not None and self.server is not None:
+            self.status["state"] = "left"
+            try:
+                self.publish()
+            except Exception as exc:
+                log.warning("could not mark this peer as left: %s", exc)
+        if self.server is not None:
+            try:
+                self.loop.call(self._stop_serving(), timeout=5)
+            except Exception as exc:
+                log.warning("data plane shutdown: %s", exc)
+        self.loop.stop()
+        if self.control is not None:
+            self.control.shutdown()
+            self.control = None
+
+    async def _stop_serving(self) -> None:
+        await self.server.stop(grace=1.0)
+        await self.channels.close()
+
+
+class SwarmAverager(Averager):
+    def __init__(self, net: Network):
+        self.net = net
+
+    def submit(self, key: SyncKey, encoded: Encoded, weight: float) -> "Future[AverageResult]":
+        c = self.net.cfg
+        # The whole average is bounded even if a remote peer stalls every step of it.
+        bound = c.matchmaking_s + c.reduce_timeout_s + 10
+        return self.net.loop.submit(asyncio.wait_for(self.net.average(key, encoded, weight), bound))

@@ -1,0 +1,249 @@
+"""`p2pdiloco peer`: one peer of a swarm. It joins (or starts) a run, trains its replica with the
+Streaming DiLoCo engine, averages fragments with the other live peers, and leaves cleanly.
+
+The engine is the simulator's (streaming.py); only its `Averager` differs (network.py). A peer never
+waits for another longer than the swarm's timeouts: a late or failed average is skipped for that
+round (the engine keeps its local fragment) and training goes on.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import Corpus, ShardSampler
+from ..fragments import due_fragments, next_round
+from ..inner import InnerOptimizer
+from ..model import Transformer, model_config
+from ..simulate import SimConfig, _check_vocab, evaluate, write_json
+from ..streaming import Worker
+from .config import SwarmConfig
+from .network import Network
+from .records import config_hash, describe_config
+from .state import StateError, catch_up, restore, snapshot
+
+log = logging.getLogger("p2pdiloco.peer")
+
+
+class ConfigMismatch(ValueError):
+    pass
+
+
+class Peer:
+    def __init__(self, cfg: SimConfig, swarm: SwarmConfig, out=print):
+        self.cfg, self.swarm, self.out = cfg.validate(), swarm.validate(cfg.workers), out
+        self.corpus = Corpus.load(cfg.data)
+        mcfg = model_config(cfg.model)
+        _check_vocab(self.corpus, mcfg.vocab_size)
+        torch.manual_seed(cfg.seed)  # every peer of a run starts from the same model
+        model = Transformer(mcfg)
+        self.eval_model = copy.deepcopy(model)
+        self.val = self.corpus.val_batches(cfg.batch_size, cfg.eval_batches)
+        self.stopping = threading.Event()
+        self._next_catch_up, self._missed_since = 0.0, {}
+        self.net = Network(swarm, config_hash(cfg), describe_config(cfg), cfg.streaming.codec, self._state_for_newcomer)
+        try:
+            self.worker = Worker(self.net.peer_id[-8:], model, InnerOptimizer(model, cfg.inner, cfg.steps),
+                                 cfg.streaming, cfg.outer, self.net.averager())
+            shard = swarm.shard if swarm.shard >= 0 else 0
+            workers = cfg.workers if swarm.shard >= 0 else 1
+            stream = None if swarm.shard >= 0 else int.from_bytes(self.net.peer_id.encode()[-8:], "little")
+            self.sampler = ShardSampler(self.corpus, shard, workers, cfg.batch_size, stream=stream)
+        except BaseException:
+            self.net.close()
+            raise
+
+    # ---- joining
+    def join(self) -> None:
+        """Refuse a run that trains something else; download the state if the run has averaged
+        anything; otherwise start from the seeded model with the other first peers."""
+        deadline = time.monotonic() + self.swarm.join_timeout_s
+        while not self.stopping.is_set():
+            same = self._same_config_peers()
+            # Before its first round a run's global parameters are the seeded initial model, which
+            # every peer builds itself: only a run that has averaged something has state to download.
+            donors = [r for r in same if r.state == "training" and r.rounds]
+            if donors:
+                t0 = time.perf_counter()
+                blob = self.net.download(donors)
+                restore(self.worker, blob)
+                w, H = self.worker, self.cfg.streaming.H
+                # A fragment whose average was in flight at the donor is a round behind in the copy.
+                w.missed = {f for f, off in enumerate(w.offsets)
+                            if w.applied_rounds.get(f, -1) < next_round(w.step, off, H) - 1}
+                self.out(f"[peer] downloaded the run's state ({len(blob):,} bytes, verified) in "
+                         f"{time.perf_counter() - t0:.1f}s; joining at step {self.worker.step}")
+                break
+            if len(same) + 1 >= self.swarm.wait_for_peers:
+                break
+            self._check_deadline(deadline, len(same) + 1, "came")
+            self.stopping.wait(0.2)
+        self.net.status["state"] = "training"
+        self.net.publish()
+        # A start barrier for the first peers: nobody trains until all of them are listed as
+        # training, so the first round already expects every one of them.
+        while not self.stopping.is_set():
+            ready = [r for r in self._same_config_peers() if r.state == "training"]
+            if len(ready) + 1 >= self.swarm.wait_for_peers:
+                return
+            self._check_deadline(deadline, len(ready) + 1, "were ready")
+            self.stopping.wait(0.1)
+
+    def _same_config_peers(self):
+        peers = [r for r in self.net.peers() if r.peer_id != self.net.peer_id]
+        others = [r for r in peers if r.config_hash != self.net.config_hash]
+        if others and len(others) == len(peers):
+            raise ConfigMismatch(
+                f"run '{self.swarm.run_id}' trains {others[0].config}, this peer {describe_config(self.cfg)}; "
+                f"start this peer with the same model and streaming options, or use another --run-id")
+        for r in others:
+            log.warning("peer %s trains another config (%s); it is ignored", r.peer_id[-8:], r.config)
+        return [r for r in peers if r.config_hash == self.net.config_hash]
+
+    def _check_deadline(self, deadline: float, have: int, what: str) -> None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {have} of --wait-for-peers {self.swarm.wait_for_peers} peers {what} "
+                               f"within {self.swarm.join_timeout_s:.0f}s (--join-timeout)")
+
+    def _catch_up(self, urgent: bool) -> None:
+        """Fragments whose last round failed here may be behind the swarm's global copy: take the
+        copy of a peer that applied a later round, keeping this replica's own progress. Urgent when
+        such a fragment is due next step (averaging from a stale base would split the swarm): then
+        retry until it is current. If for `record_ttl_s` no peer is ahead, the round failed for
+        everyone (a dead owner, say) and every copy is still the same."""
+        w = self.worker
+        while w.missed and not self.stopping.is_set():
+            now = time.monotonic()
+            for f in w.missed:
+                self._missed_since.setdefault(f, now)
+            donors = [r for r in self._same_config_peers() if r.state == "training"]
+            try:
+                updated = catch_up(w, self.net.download(donors, set(w.missed)), set(w.missed)) if donors else []
+            except StateError as exc:
+                log.warning("catching up failed: %s", exc)
+                updated = []
+            if updated:
+                self.out(f"[peer] caught up fragment(s) {updated} from the swarm after a missed round", flush=True)
+            w.missed -= set(updated)
+            for f in [f for f in w.missed if now - self._missed_since[f] > self.swarm.record_ttl_s]:
+                w.missed.discard(f)  # nobody is ahead: the round failed everywhere
+            self._missed_since = {f: t for f, t in self._missed_since.items() if f in w.missed}
+            if not urgent:
+                break
+            time.sleep(0.1)
+        self._next_catch_up = time.monotonic() + 0.5
+
+    async def _state_for_newcomer(self, fragments: set[int] | None) -> bytes:
+        """Called on the network thread; the copy runs in its executor so the loop keeps serving."""
+        import asyncio
+        return await asyncio.get_running_loop().run_in_executor(None, snapshot, self.worker, fragments)
+
+    # ---- training
+    def run(self) -> dict:
+        self._install_signals()
+        try:
+            line = self.net.join_line()
+            self.out(f"[peer] {self.net.peer_id} serving on {self.net.address}")
+            self.out(f"[peer] join with: {line}", flush=True)
+            self.join()
+            return self.train()  # a stop during join() trains zero steps and leaves
+        finally:
+            self.close()
+
+    def train(self) -> dict:
+        w, cfg, status = self.worker, self.cfg, self.net.status
+        before = evaluate(w.load_global_into(self.eval_model), self.val)
+        self.out(f"[peer] training from step {w.step} to {cfg.steps}; eval loss of the global model {before:.4f}",
+                 flush=True)
+        start, last_report, tokens0, compute_s = time.perf_counter(), 0.0, w.tokens, 0.0
+        while w.step < cfg.steps and not self.stopping.is_set():
+            t0, wait0 = time.perf_counter(), w.wait_s
+            loss = w.forward_backward(*self.sampler.next())
+            w.optimizer_step()  # data-parallel: waits here for the averaged gradient
+            w.send_due()  # the due fragments' Δ go to the network thread; training goes on
+            if w.step == cfg.steps:  # no lost work: a last sync of every fragment, and wait for it
+                w.send_final()
+                w.flush()
+                if w.missed:  # a final round failed here: take the swarm's copy if anyone has it
+                    self._catch_up(urgent=True)
+            else:
+                w.apply_due()  # means sent τ steps ago: waits only if one is late
+            if w.missed and not w.in_flight:  # a round others applied without us: take their global copy
+                urgent = bool(w.missed & set(due_fragments(w.step + 1, w.offsets, cfg.streaming.H)))
+                if urgent or time.monotonic() >= self._next_catch_up:
+                    self._catch_up(urgent)
+            compute_s += time.perf_counter() - t0 - (w.wait_s - wait0)
+            elapsed = time.perf_counter() - start
+            status.update(step=w.step, tokens=w.tokens, tokens_per_s=(w.tokens - tokens0) / max(elapsed, 1e-9),
+                          rounds=dict(w.applied_rounds))
+            if elapsed - last_report > 10 or w.step == cfg.steps:
+                last_report = elapsed
+                self.out(f"[peer] step {w.step}/{cfg.steps}  loss {loss:.3f}  {status['tokens_per_s']:,.0f} tok/s  "
+                         f"sent {w.bytes_sent:,} B  skipped rounds {w.skipped_rounds}", flush=True)
+        wall = time.perf_counter() - start
+        after = evaluate(w.load_global_into(self.eval_model), self.val)
+        return {"peer_id": self.net.peer_id, "eval_loss_initial": before, "eval_loss": after,
+                "steps": w.step, "completed": w.step >= cfg.steps, "tokens": w.tokens,
+                "bytes_sent": w.bytes_sent, "peak_sync_bytes": w.peak_sync_bytes,
+                "data_parallel_bytes": self._data_parallel_bytes(w.step - 0),
+                "skipped_rounds": w.skipped_rounds, "wall_s": wall,
+                "compute_fraction": compute_s / max(wall, 1e-9), "wait_s": w.wait_s}
+
+    def _data_parallel_bytes(self, steps: int) -> int:
+        """What a bf16 ring all-reduce of the gradients would have sent per peer over these steps."""
+        n = sum(p.numel() for p in self.worker.model.parameters())
+        m = max(2, len(self.net.training_peers()) or 2)
+        return int(steps * 2 * (m - 1) / m * n * 2)
+
+    # ---- leaving
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def stop(signum, _frame):
+            if self.stopping.is_set():  # a second signal: leave now
+                raise KeyboardInterrupt
+            self.out(f"[peer] {signal.Signals(signum).name}: finishing this step, then leaving", flush=True)
+            self.stopping.set()
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+
+    def checkpoint(self) -> Path:
+        path = Path(self.swarm.checkpoint_dir) / self.swarm.run_id / f"{self.net.peer_id}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": self.worker.load_global_into(self.eval_model).state_dict(),
+                    "state": snapshot(self.worker), "config": describe_config(self.cfg)}, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def close(self) -> None:
+        try:
+            if self.worker.step > 0:
+                self.out(f"[peer] checkpoint: {self.checkpoint()}")
+        except Exception as exc:  # leaving must not lose the exit: say what failed
+            log.error("could not write the checkpoint: %s", exc)
+        self.net.close()
+
+
+def run_peer(cfg: SimConfig, swarm: SwarmConfig) -> int:
+    def out(msg, flush=True):
+        print(msg, flush=flush)
+
+    peer = Peer(cfg, swarm, out)
+    summary = peer.run()
+    if swarm.summary_json:
+        write_json(swarm.summary_json, summary)
+    out(f"[peer] done: eval loss {summary['eval_loss_initial']:.4f} -> {summary['eval_loss']:.4f}; "
+        f"{summary['steps']} steps; sent {summary['bytes_sent']:,} B (data-parallel: "
+        f"{summary['data_parallel_bytes']:,} B); compute {summary['compute_fraction']:.0%} of wall time")
+    return 0

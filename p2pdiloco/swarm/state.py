@@ -1,0 +1,130 @@
+"""A peer's shareable state: what a newcomer downloads, and what a checkpoint holds.
+
+The state is the global parameters of every fragment, the outer optimizer's momentum, the inner
+optimizer's moments, and the counters that place the peer in the schedule (step, applied rounds).
+It can be taken at any time: a fragment whose average was in flight at the donor is one round
+behind in the copy, and the newcomer catches it up after its first missed round (peer.py). It travels as one `torch.save` blob read back
+with `weights_only=True` (tensors and plain containers only: a hostile peer cannot run code), in
+chunks, with its SHA-256 checked before any of it is used (dataplane.py, `download_state`).
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import io
+
+import grpc
+import torch
+
+from ..streaming import Worker
+from .gen import p2pdiloco_pb2 as pb
+
+FORMAT = 1
+
+
+class StateError(ValueError):
+    """A downloaded or loaded state that does not fit this peer's model."""
+
+
+def snapshot(worker: Worker, fragments: set[int] | None = None) -> bytes:
+    """Safe from any thread: the global copies are read under the worker's lock. The inner moments
+    may be a step apart from them, which costs nothing (they are only a warm start).
+    With `fragments`, only those fragments' global copy and outer state (for catching up)."""
+    keep = set(range(len(worker.global_params))) if fragments is None else fragments
+    with worker.lock:
+        state = {
+            "format": FORMAT,
+            "step": worker.step,
+            "global": {i: g.clone() for i, g in enumerate(worker.global_params) if i in keep},
+            "outer": {i: o.state_dict() for i, o in enumerate(worker.outer) if i in keep},
+            "applied_rounds": {str(k): v for k, v in worker.applied_rounds.items()},
+        }
+    if fragments is None:
+        state["inner"] = copy.deepcopy(worker.inner.opt.state_dict())
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _load(worker: Worker, blob: bytes) -> dict:
+    try:
+        state = torch.load(io.BytesIO(blob), weights_only=True)
+    except Exception as exc:
+        raise StateError(f"state blob does not load: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise StateError(f"state format {state.get('format') if isinstance(state, dict) else '?'} != {FORMAT}")
+    glob, mine = state["global"], worker.global_params
+    if not isinstance(glob, dict) or any(not 0 <= i < len(mine) or t.shape != mine[i].shape for i, t in glob.items()):
+        raise StateError("state's fragments do not match this peer's model: is the config the same?")
+    return state
+
+
+def restore(worker: Worker, blob: bytes) -> None:
+    """Load a snapshot into `worker`: the replica restarts from the global parameters."""
+    state = _load(worker, blob)
+    glob = [state["global"].get(i) for i in range(len(worker.global_params))]
+    if any(g is None for g in glob) or "inner" not in state:
+        raise StateError("the donor sent a partial state to a newcomer")
+    worker.step = int(state["step"])
+    worker.global_params = [g.float().clone() for g in glob]
+    for outer, sd in zip(worker.outer, [state["outer"][i] for i in range(len(worker.outer))]):
+        outer.load_state_dict(sd)
+    worker.inner.opt.load_state_dict(state["inner"])
+    worker.applied_rounds = {int(k): int(v) for k, v in state["applied_rounds"].items()}
+    worker.tokens_since = [0] * len(worker.fragments)
+    for view, flat in zip(worker.views, worker.global_params):
+        view.write(flat)
+    if worker.residuals is not None:
+        worker.residuals = [torch.zeros_like(r) for r in worker.residuals]
+
+
+def catch_up(worker: Worker, blob: bytes, fragments: set[int]) -> list[int]:
+    """Take the donor's newer global copy of `fragments` (those whose last round this peer
+    missed), keeping this replica's progress since its last sync: local += global_new − global_old.
+    Returns the fragments that were behind and are now current."""
+    state = _load(worker, blob)
+    rounds = {int(k): int(v) for k, v in state["applied_rounds"].items()}
+    updated = []
+    for f in sorted(fragments):
+        if f not in state["global"] or rounds.get(f, -1) <= worker.applied_rounds.get(f, -1):
+            continue
+        new = state["global"][f].float()
+        worker.views[f].write(worker.views[f].read() + (new - worker.global_params[f]))
+        worker.global_params[f] = new.clone()
+        worker.outer[f].load_state_dict(state["outer"][f])
+        worker.applied_rounds[f] = rounds[f]
+        updated.append(f)
+    return updated
+
+
+def digest(blob: bytes) -> bytes:
+    return hashlib.sha256(blob).digest()
+
+
+async def download_state(stub, caller: pb.Caller, timeout_s: float, max_bytes: int,
+                         fragments: set[int] | None = None) -> bytes:
+    """Stream a peer's state; raises StateError on a short, oversized or corrupt download."""
+    chunks, total, expected = [], 0, None
+    request = pb.StateRequest(caller=caller, fragments=sorted(fragments or ()))
+    call = stub.DownloadState(request, timeout=timeout_s)
+    try:
+        async for chunk in call:
+            if expected is None:
+                expected, sha = chunk.total_bytes, chunk.sha256
+                if expected > max_bytes:
+                    raise StateError(f"the donor offers {expected:,} bytes of state, more than {max_bytes:,}")
+            chunks.append(chunk.data)
+            total += len(chunk.data)
+            if total > expected:
+                raise StateError(f"the donor sent more than the {expected:,} bytes it announced")
+    except grpc.aio.AioRpcError as exc:
+        raise StateError(f"download failed: {exc.code().name}: {exc.details()}") from None
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+    blob = b"".join(chunks)
+    if expected is None or len(blob) != expected or digest(blob) != sha:
+        raise StateError(f"downloaded state fails its check ({len(blob):,} of {expected or 0:,} bytes, sha256 "
+                         f"{'ok' if expected is not None and digest(blob) == sha else 'mismatch'})")
+    return blob

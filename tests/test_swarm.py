@@ -1,0 +1,148 @@
+"""The swarm with real peers: separate processes, real p2pd daemons, real gRPC on loopback.
+
+Every test bounds every wait, and the `swarm` fixture kills every process group it started.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from peers import TINY
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def leftovers(peer) -> list[int]:
+    """Processes still alive in a peer's session (its DHT process, its p2pd daemon)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.getsid(int(pid)) == peer.proc.pid and int(pid) != peer.proc.pid:
+                    with open(f"/proc/{pid}/stat") as f:
+                        if f.read().split()[2] != "Z":
+                            out.append(int(pid))
+            except (ProcessLookupError, PermissionError, FileNotFoundError):
+                pass
+    return out
+
+
+def checkpoint_model(peer) -> dict:
+    run_dir = peer.cwd / "checkpoints" / "p2pdiloco"
+    (path,) = list(run_dir.glob("*.pt"))
+    return torch.load(path, weights_only=False)["model"]
+
+
+def summary(peer) -> dict:
+    return json.loads((peer.cwd / "s.json").read_text())
+
+
+def assert_same_models(a: dict, b: dict, atol: float = 0.0) -> None:
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def test_three_peers_train_and_end_with_the_same_global_parameters(swarm, text_file):
+    args = [*TINY, "--data", str(text_file), "--steps", "24", "--wait-for-peers", "3", "--json", "s.json"]
+    first = swarm.start(*args)
+    addr = first.join_address()
+    peers = [first] + [swarm.start(*args, "--initial-peers", addr) for _ in range(2)]
+    for p in peers:
+        assert p.wait(180) == 0, p.output()
+    models = [checkpoint_model(p) for p in peers]
+    for m in models[1:]:
+        assert_same_models(models[0], m)
+    for p in peers:
+        s = summary(p)
+        assert s["completed"] and s["skipped_rounds"] == 0
+        assert s["eval_loss"] < s["eval_loss_initial"] - 0.5
+        assert 0 < s["bytes_sent"] < s["data_parallel_bytes"] / 5
+        assert not leftovers(p), "the peer left processes behind"
+
+
+def test_networked_run_equals_simulate_with_fp32(swarm, text_file):
+    """Lock-step: fp32, fixed shards, every round with all peers: the same numbers as the simulator."""
+    from p2pdiloco.config import build
+    from p2pdiloco.simulate import SimConfig, Simulation
+
+    common = ["--data", str(text_file), "--steps", "14", "--codec", "fp32", "--workers", "3", "--seed", "3"]
+    args = [*TINY, *common, "--wait-for-peers", "3", "--json", "s.json"]
+    first = swarm.start(*args, "--shard", "0")
+    addr = first.join_address()
+    peers = [first] + [swarm.start(*args, "--shard", str(i), "--initial-peers", addr) for i in (1, 2)]
+    for p in peers:
+        assert p.wait(180) == 0, p.output()
+    cfg = build(SimConfig, {"model": "tiny", "workers": 3, "steps": 14, "batch_size": 4, "seed": 3,
+                            "eval_batches": 2,
+                            "data": {"paths": (str(text_file),), "seq_len": 32, "seed": 3},
+                            "inner": {"lr": 3e-3, "warmup_steps": 2},
+                            "streaming": {"H": 6, "fragments": 2, "tau": 1, "codec": "fp32"}})
+    sim = Simulation(cfg)
+    while sim.step < cfg.steps:
+        sim.train_step()
+    expected = sim.global_model().state_dict()
+    for p in peers:
+        assert_same_models(expected, checkpoint_model(p), atol=1e-6)
+
+
+def test_a_killed_and_a_frozen_peer_do_not_stop_the_others(swarm, text_file):
+    args = [*TINY, "--data", str(text_file), "--steps", "60", "--wait-for-peers", "4", "--json", "s.json",
+            "--matchmaking-timeout", "3", "--reduce-timeout", "3"]
+    first = swarm.start(*args)
+    addr = first.join_address()
+    peers = [first] + [swarm.start(*args, "--initial-peers", addr) for _ in range(3)]
+    for p in peers:
+        p.wait_for(r"training from step 0", 120)
+    time.sleep(1)
+    os.killpg(peers[2].proc.pid, signal.SIGKILL)
+    os.kill(peers[3].proc.pid, signal.SIGSTOP)
+    try:
+        for p in peers[:2]:
+            assert p.wait(150) == 0, p.output()
+            s = summary(p)
+            assert s["completed"], p.output()
+            assert s["eval_loss"] < s["eval_loss_initial"]
+    finally:
+        os.kill(peers[3].proc.pid, signal.SIGCONT)
+    models = [checkpoint_model(p) for p in peers[:2]]
+    assert_same_models(models[0], models[1])
+
+
+def test_a_newcomer_downloads_the_state_and_then_matches_the_others(swarm, text_file):
+    args = [*TINY, "--data", str(text_file), "--steps", "500", "--wait-for-peers", "2", "--json", "s.json"]
+    first = swarm.start(*args)
+    addr = first.join_address()
+    second = swarm.start(*args, "--initial-peers", addr)
+    second.wait_for(r"training from step 0", 120)
+    newcomer = swarm.start(*args, "--initial-peers", second.join_address())
+    m = newcomer.wait_for(r"downloaded the run's state \(([\d,]+) bytes, verified\).*joining at step (\d+)", 120)
+    assert int(m.group(2)) > 0
+    for p in (first, second, newcomer):
+        assert p.wait(180) == 0, p.output()
+    models = [checkpoint_model(p) for p in (first, second, newcomer)]
+    assert_same_models(models[0], models[2])
+    assert_same_models(models[0], models[1])
+
+
+def test_status_lists_peers_and_sigterm_leaves_cleanly(swarm, text_file):
+    peer = swarm.start(*TINY, "--data", str(text_file), "--steps", "100000", "--json", "s.json")
+    addr = peer.join_address()
+    peer.wait_for(r"training from step 0", 120)
+    out = subprocess.run([sys.executable, "-m", "p2pdiloco.cli", "status", "--initial-peers", addr],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "1 live peer(s)" in out.stdout and "training" in out.stdout
+    assert addr.rsplit("/", 1)[1] in out.stdout
+    start = time.monotonic()
+    peer.signal(signal.SIGTERM)
+    assert peer.wait(20) == 0, peer.output()
+    assert time.monotonic() - start < 15
+    assert "checkpoint:" in peer.output()
+    assert not leftovers(peer), "the peer left processes behind"
