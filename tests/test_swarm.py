@@ -146,3 +146,15 @@ def test_status_lists_peers_and_sigterm_leaves_cleanly(swarm, text_file):
     assert time.monotonic() - start < 15
     assert "checkpoint:" in peer.output()
     assert not leftovers(peer), "the peer left processes behind"
+
+
+def test_local_swarm_runs_peers_and_prints_the_summary(tmp_path, text_file):
+    """The README's main command, small: 2 peers, a few steps, the summary table at the end."""
+    argv = [sys.executable, "-m", "p2pdiloco.cli", "local-swarm", "--peers", "2", "--workdir", str(tmp_path / "run"),
+            "--timeout", "200", *TINY, "--data", str(text_file), "--steps", "12"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "eval before" in out.stdout and "data-parallel" in out.stdout and "compute" in out.stdout
+    result = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(result["peers"]) == 2
+    assert len({round(p["eval_loss"], 6) for p in result["peers"]}) == 1  # one global model

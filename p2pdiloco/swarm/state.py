@@ -86,15 +86,16 @@ def catch_up(worker: Worker, blob: bytes, fragments: set[int]) -> list[int]:
     state = _load(worker, blob)
     rounds = {int(k): int(v) for k, v in state["applied_rounds"].items()}
     updated = []
-    for f in sorted(fragments):
-        if f not in state["global"] or rounds.get(f, -1) <= worker.applied_rounds.get(f, -1):
-            continue
-        new = state["global"][f].float()
-        worker.views[f].write(worker.views[f].read() + (new - worker.global_params[f]))
-        worker.global_params[f] = new.clone()
-        worker.outer[f].load_state_dict(state["outer"][f])
-        worker.applied_rounds[f] = rounds[f]
-        updated.append(f)
+    with worker.lock:  # a newcomer may be copying this peer's state on the network thread
+        for f in sorted(fragments):
+            if f not in state["global"] or rounds.get(f, -1) <= worker.applied_rounds.get(f, -1):
+                continue
+            new = state["global"][f].float()
+            worker.views[f].write(worker.views[f].read() + (new - worker.global_params[f]))
+            worker.global_params[f] = new.clone()
+            worker.outer[f].load_state_dict(state["outer"][f])
+            worker.applied_rounds[f] = rounds[f]
+            updated.append(f)
     return updated
 
 
