@@ -54,14 +54,17 @@ def member_bytes(codec: Codec, numel: int, members: int, index: int) -> int:
     return others + own * (members - 1)
 
 
-def weighted_mean(parts: list[tuple[Encoded, float]]) -> torch.Tensor:
-    """The owner's reduction: decode each part to fp32 and accumulate weighted by tokens."""
+def weighted_mean(parts: list[tuple[Encoded | torch.Tensor, float]]) -> torch.Tensor:
+    """The owner's reduction: decode each part to fp32 (unless it already is) and accumulate
+    weighted by tokens."""
     total = sum(w for _, w in parts)
     if total <= 0:
         raise ValueError("weighted mean needs a positive total weight")
-    acc = torch.zeros(parts[0][0].numel, dtype=torch.float32)
+    acc = None
     for enc, w in parts:
-        acc.add_(enc.decode(), alpha=w / total)
+        x = enc.decode() if isinstance(enc, Encoded) else enc
+        acc = torch.zeros(x.numel(), dtype=torch.float32) if acc is None else acc
+        acc.add_(x, alpha=w / total)
     return acc
 
 

@@ -158,3 +158,21 @@ def test_local_swarm_runs_peers_and_prints_the_summary(tmp_path, text_file):
     result = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert len(result["peers"]) == 2
     assert len({round(p["eval_loss"], 6) for p in result["peers"]}) == 1  # one global model
+
+
+def test_peers_on_the_libp2p_transport_average_with_grpc_peers(swarm, text_file):
+    """Two peers reachable over libp2p streams only, one over gRPC: one swarm, one global model."""
+    args = [*TINY, "--data", str(text_file), "--steps", "24", "--wait-for-peers", "3", "--json", "s.json"]
+    first = swarm.start(*args, "--transport", "libp2p")
+    addr = first.join_address()
+    assert first.wait_for(r"serving on (\S+)", 30).group(1).startswith("p2p:")
+    peers = [first, swarm.start(*args, "--transport", "libp2p", "--initial-peers", addr),
+             swarm.start(*args, "--transport", "grpc", "--initial-peers", addr)]
+    for p in peers:
+        assert p.wait(180) == 0, p.output()
+    models = [checkpoint_model(p) for p in peers]
+    for m in models[1:]:
+        assert_same_models(models[0], m)
+    for p in peers:
+        s = summary(p)
+        assert s["skipped_rounds"] == 0 and s["bytes_sent"] > 0, p.output()

@@ -77,7 +77,6 @@ def test_groups_change_between_rounds_and_agree_between_peers():
     ("run_id", "has space", "run_id"),
     ("initial_peers", ("127.0.0.1:4000",), "multiaddress"),
     ("transport", "carrier-pigeon", "transport"),
-    ("transport", "libp2p", "not implemented"),
     ("port", 70000, "port"),
     ("reduce_timeout_s", 0.0, "reduce_timeout_s"),
     ("record_ttl_s", 1.0, "record_ttl_s"),

@@ -19,7 +19,9 @@ class SwarmConfig:
     port: int = 0  # gRPC data plane port (0: any free port)
     dht_port: int = 0  # libp2p port of the DHT (0: any free port)
     identity_path: str = ""  # a libp2p key file: a stable peer id, and so a stable join line
-    transport: str = "grpc"  # grpc (only grpc is implemented so far; libp2p is refused with a message)
+    # How others reach this peer's data plane: grpc (host:port; auto means grpc), or libp2p (streams
+    # over the DHT's daemon, for a peer that cannot accept connections). Every peer serves both.
+    transport: str = "auto"
     group_size: int = 16  # peers per averaging group; larger swarms regroup at random every round
     matchmaking_s: float = 5.0  # the longest a peer waits for the other live peers to declare a round
     reduce_timeout_s: float = 15.0  # the longest an owner waits for parts, and a member for an answer
@@ -49,9 +51,6 @@ class SwarmConfig:
                                  f"(like /ip4/1.2.3.4/tcp/4000/p2p/12D3Koo...); copy it from a peer's join line")
         if self.transport not in ("grpc", "auto", "libp2p"):
             raise ValueError(f"swarm.transport '{self.transport}' is unknown; use auto, grpc or libp2p")
-        if self.transport == "libp2p":
-            raise ValueError("swarm.transport 'libp2p' is not implemented yet; use grpc (peers must reach each "
-                             "other's --port)")
         for name in ("port", "dht_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"swarm.{name} must be a TCP port in [0, 65535], got {getattr(self, name)}")

@@ -28,6 +28,7 @@ from ..averaging import AverageResult, SyncKey, span_bounds, weighted_mean
 from ..codecs import CodecError, Encoded, from_bytes
 from .gen import p2pdiloco_pb2 as pb
 from .gen import p2pdiloco_pb2_grpc as pb_grpc
+from .libp2p import ADDRESS_PREFIX, LibP2PStub
 from .matchmaking import Group
 from .records import PROTOCOL_VERSION
 
@@ -69,8 +70,9 @@ class _Round:
     group_id: bytes | None = None
     members: frozenset[str] = frozenset()
     numel: int = -1
-    parts: dict[str, tuple[Encoded, float]] = field(default_factory=dict)
-    early: dict[str, tuple[bytes, Encoded, float]] = field(default_factory=dict)  # before the owner opened
+    # Parts are kept decoded (fp32): each is decoded once, when it is checked on arrival.
+    parts: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
+    early: dict[str, tuple[bytes, torch.Tensor, float]] = field(default_factory=dict)  # before the owner opened
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     reply: pb.ReduceReply | None = None
     aborted: bool = False  # the owner's own average failed: every member's must fail too
@@ -96,10 +98,10 @@ class RoundBook:
         async with rnd.changed:
             rnd.group_id, rnd.numel = group.group_id, part.numel
             rnd.members = frozenset(m.peer_id for m in group.members)
-            rnd.parts[self.identity.peer_id] = (part, weight)
-            for sender, (gid, enc, w) in rnd.early.items():
-                if gid == group.group_id and sender in rnd.members and enc.numel == part.numel:
-                    rnd.parts[sender] = (enc, w)
+            rnd.parts[self.identity.peer_id] = (part.decode(), weight)  # my part, as the others see it
+            for sender, (gid, values, w) in rnd.early.items():
+                if gid == group.group_id and sender in rnd.members and values.numel() == part.numel:
+                    rnd.parts[sender] = (values, w)
             rnd.early.clear()
             rnd.changed.notify_all()  # early callers whose part did not fit learn it now
             try:
@@ -144,18 +146,19 @@ class RoundBook:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed payload: {exc}") from None
         if enc.codec.name != self.identity.codec:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"payload codec {enc.codec.name} != the run's {self.identity.codec}")
-        if not torch.isfinite(enc.decode()).all():
+        values = enc.decode()
+        if not torch.isfinite(values).all():
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "payload holds non-finite values")
         rnd = self.rounds.setdefault(key, _Round())
         async with rnd.changed:
             if rnd.reply is not None:
                 raise Refused(grpc.StatusCode.ABORTED, f"{key} is already averaged; this part came too late")
             if rnd.group_id is None:  # the owner has not reached this round yet: hold the part
-                rnd.early[sender] = (request.group_id, enc, request.weight)
+                rnd.early[sender] = (request.group_id, values, request.weight)
             elif request.group_id != rnd.group_id or sender not in rnd.members or enc.numel != rnd.numel:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"{sender}'s part does not fit my group for {key}")
             else:
-                rnd.parts[sender] = (enc, request.weight)
+                rnd.parts[sender] = (values, request.weight)
                 rnd.changed.notify_all()
             # The caller's deadline bounds this wait: gRPC cancels the handler when it passes.
             await rnd.changed.wait_for(lambda: rnd.reply is not None or rnd.aborted or
@@ -206,8 +209,13 @@ class Channels:
         self.options = channel_options(max_message_bytes)
         self.stubs: dict[str, pb_grpc.AveragingStub] = {}
         self.channels: list[grpc.aio.Channel] = []
+        self.p2p = None  # hivemind's P2P, for peers that announced a libp2p address (libp2p.py)
 
     def stub(self, address: str) -> pb_grpc.AveragingStub:
+        if address.startswith(ADDRESS_PREFIX):
+            if self.p2p is None:
+                raise RuntimeError(f"{address} is reachable over libp2p only, and libp2p is not up here")
+            return LibP2PStub(self.p2p, address)
         if address not in self.stubs:
             channel = grpc.aio.insecure_channel(address, options=self.options)
             self.channels.append(channel)
@@ -255,16 +263,17 @@ async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: 
     for i, r in enumerate(results):
         if isinstance(r, BaseException):
             who = group.members[i].peer_id
-            detail = r.details() if isinstance(r, grpc.aio.AioRpcError) else repr(r)
+            detail = r.details() if hasattr(r, "details") else repr(r)
             raise RuntimeError(f"span {i} owned by {who[-8:]} failed: {detail}") from None
     replies = [r if i != me else r[0] for i, r in enumerate(results)]
     sent += results[me][1]
-    means, participants, total = [], set(), 0.0
+    mean, participants, total = torch.empty(encoded.numel, dtype=torch.float32), set(), 0.0
     for i, reply in enumerate(replies):
         enc = from_bytes(reply.payload)
-        if enc.numel != spans[i][1] - spans[i][0]:
-            raise RuntimeError(f"span {i}: {enc.numel} values in the mean, expected {spans[i][1] - spans[i][0]}")
-        means.append(enc.decode())
+        lo, hi = spans[i]
+        if enc.numel != hi - lo:
+            raise RuntimeError(f"span {i}: {enc.numel} values in the mean, expected {hi - lo}")
+        mean[lo:hi] = enc.decode()
         participants.update(reply.participants)
         total = max(total, reply.total_weight)
-    return AverageResult(torch.cat(means), tuple(sorted(participants)), total, sent)
+    return AverageResult(mean, tuple(sorted(participants)), total, sent)

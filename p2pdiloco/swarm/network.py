@@ -20,6 +20,7 @@ import grpc
 from ..averaging import AverageResult, Averager, SyncKey
 from ..codecs import Encoded
 from .config import SwarmConfig
+from . import libp2p
 from .control import ControlConfig, ControlPlane, SwarmStartError
 from .dataplane import Channels, Identity, RoundBook, Servicer, allreduce, channel_options
 from .gen import p2pdiloco_pb2_grpc as pb_grpc
@@ -37,6 +38,7 @@ class Network:
         self.loop = BackgroundLoop()
         self.control: ControlPlane | None = None
         self.server: grpc.aio.Server | None = None
+        self.p2p = None
         self.status = {"state": "joining", "step": 0, "tokens": 0, "tokens_per_s": 0.0, "rounds": {}}
         try:
             self.control = ControlPlane(ControlConfig(cfg.run_id, cfg.initial_peers, cfg.host, cfg.dht_port,
@@ -56,7 +58,8 @@ class Network:
     async def _serve(self, state_provider) -> str:
         # No SO_REUSEPORT: a port already in use must be an error, not a silently shared port.
         self.server = grpc.aio.server(options=channel_options(self.cfg.max_message_bytes) + [("grpc.so_reuseport", 0)])
-        pb_grpc.add_AveragingServicer_to_server(Servicer(self.book, state_provider), self.server)
+        servicer = Servicer(self.book, state_provider)
+        pb_grpc.add_AveragingServicer_to_server(servicer, self.server)
         try:
             port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
             if port == 0:
@@ -65,6 +68,12 @@ class Network:
             raise SwarmStartError(f"cannot listen on {self.cfg.host}:{self.cfg.port} ({exc}); "
                                   f"choose another --port, or 0 for any free port") from None
         await self.server.start()
+        # Every peer also serves (and can call) the libp2p transport, on the DHT's own daemon.
+        self.p2p = await self.control.dht.replicate_p2p()
+        self.channels.p2p = self.p2p
+        await libp2p.serve(self.p2p, servicer)
+        if self.cfg.transport == "libp2p":
+            return f"{libp2p.ADDRESS_PREFIX}{self.peer_id}"
         return f"{self.cfg.announce_host or self.cfg.host}:{port}"
 
     # ---- the peer record and its heartbeat
@@ -147,6 +156,8 @@ class Network:
     async def _stop_serving(self) -> None:
         await self.server.stop(grace=1.0)
         await self.channels.close()
+        if self.p2p is not None:
+            await self.p2p.shutdown()
 
 
 class SwarmAverager(Averager):

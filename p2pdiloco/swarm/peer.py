@@ -151,7 +151,7 @@ class Peer:
         self._install_signals()
         try:
             line = self.net.join_line()
-            self.out(f"[peer] {self.net.peer_id} serving on {self.net.address}")
+            self.out(f"[peer] {self.net.peer_id} serving on {self.net.address}", flush=True)
             self.out(f"[peer] join with: {line}", flush=True)
             self.join()
             return self.train()  # a stop during join() trains zero steps and leaves

@@ -48,7 +48,7 @@ def peers_key(run_id: str) -> str:
 @dataclass
 class PeerRecord:
     peer_id: str
-    address: str  # host:port of the peer's gRPC data plane
+    address: str  # host:port of the peer's gRPC data plane, or p2p:<peer id> (libp2p only)
     maddrs: list[str]  # the peer's libp2p addresses: any of them serves as an initial peer
     protocol: int
     config_hash: str
@@ -94,6 +94,10 @@ class PeerRecord:
         if not isinstance(self.rounds, dict) or not all(
                 isinstance(k, str) and isinstance(v, int) for k, v in self.rounds.items()):
             raise RecordError("peer record field 'rounds' must map fragment names to round numbers")
+        if self.address.startswith("p2p:"):  # reachable over libp2p only (libp2p.py)
+            if len(self.address) < 10:
+                raise RecordError(f"peer record address '{self.address}' has no peer id")
+            return
         host, sep, port = self.address.rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise RecordError(f"peer record address '{self.address}' is not host:port")
+            raise RecordError(f"peer record address '{self.address}' is not host:port or p2p:<peer id>")

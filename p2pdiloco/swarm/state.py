@@ -19,6 +19,7 @@ import torch
 
 from ..streaming import Worker
 from .gen import p2pdiloco_pb2 as pb
+from .libp2p import LibP2PError
 
 FORMAT = 1
 
@@ -121,6 +122,8 @@ async def download_state(stub, caller: pb.Caller, timeout_s: float, max_bytes: i
                 raise StateError(f"the donor sent more than the {expected:,} bytes it announced")
     except grpc.aio.AioRpcError as exc:
         raise StateError(f"download failed: {exc.code().name}: {exc.details()}") from None
+    except LibP2PError as exc:
+        raise StateError(f"download failed: {exc}") from None
     except asyncio.CancelledError:
         call.cancel()
         raise

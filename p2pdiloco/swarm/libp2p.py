@@ -1,0 +1,89 @@
+"""The data plane over libp2p streams, for peers that cannot accept connections.
+
+The same messages as the gRPC service (proto/p2pdiloco.proto) and the same servicer: the handlers
+are registered on hivemind's P2P, which shares the DHT's `p2pd` daemon, so a peer reachable for the
+DHT (directly, or through libp2p's relays and hole punching) is reachable for averaging too. A peer
+started with `--transport libp2p` announces the address `p2p:<peer id>`; every peer serves both
+transports and calls each peer on the one it announced.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from .gen import p2pdiloco_pb2 as pb
+
+PREFIX = "p2pdiloco.v1.Averaging."
+ADDRESS_PREFIX = "p2p:"
+
+
+class LibP2PError(RuntimeError):
+    """A refusal or failure reported by the remote handler (its message says which)."""
+
+    def details(self) -> str:  # the same accessor as grpc's errors, for uniform logging
+        return str(self)
+
+
+class _Context:
+    """What the servicer uses of a gRPC context: abort() becomes an error sent back to the caller."""
+
+    async def abort(self, code, details: str):
+        raise LibP2PError(f"{code.name}: {details}")
+
+
+async def serve(p2p, servicer) -> None:
+    async def reduce(request: pb.ReduceRequest, _context) -> pb.ReduceReply:
+        return await servicer.Reduce(request, _Context())
+
+    async def download(request: pb.StateRequest, _context):
+        async for chunk in servicer.DownloadState(request, _Context()):
+            yield chunk
+
+    await p2p.add_protobuf_handler(PREFIX + "Reduce", reduce, pb.ReduceRequest)
+    await p2p.add_protobuf_handler(PREFIX + "DownloadState", download, pb.StateRequest, stream_output=True)
+
+
+class LibP2PStub:
+    """The client side, shaped like the generated gRPC stub (`Reduce`, `DownloadState`)."""
+
+    def __init__(self, p2p, address: str):
+        from hivemind.p2p import PeerID
+
+        self.p2p, self.peer = p2p, PeerID.from_base58(address[len(ADDRESS_PREFIX):])
+
+    async def Reduce(self, request: pb.ReduceRequest, timeout: float) -> pb.ReduceReply:
+        try:
+            return await asyncio.wait_for(
+                self.p2p.call_protobuf_handler(self.peer, PREFIX + "Reduce", request, pb.ReduceReply), timeout)
+        except asyncio.TimeoutError:
+            raise LibP2PError(f"DEADLINE_EXCEEDED: no answer within {timeout:.0f}s") from None
+        except Exception as exc:
+            raise LibP2PError(str(exc)) from None
+
+    def DownloadState(self, request: pb.StateRequest, timeout: float) -> "_Stream":
+        return _Stream(self, request, timeout)
+
+
+class _Stream:
+    def __init__(self, stub: LibP2PStub, request: pb.StateRequest, timeout: float):
+        self.stub, self.request, self.deadline = stub, request, asyncio.get_running_loop().time() + timeout
+        self._iter = None
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> pb.StateChunk:
+        left = self.deadline - asyncio.get_running_loop().time()
+        try:
+            if self._iter is None:
+                self._iter = await asyncio.wait_for(self.stub.p2p.iterate_protobuf_handler(
+                    self.stub.peer, PREFIX + "DownloadState", self.request, pb.StateChunk), left)
+            return await asyncio.wait_for(self._iter.__anext__(), max(left, 0.01))
+        except StopAsyncIteration:
+            raise
+        except asyncio.TimeoutError:
+            raise LibP2PError("DEADLINE_EXCEEDED: the state download took too long") from None
+        except Exception as exc:
+            raise LibP2PError(str(exc)) from None
+
+    def cancel(self) -> None:
+        pass  # the handler's stream closes with the connection's read side
