@@ -62,6 +62,7 @@ def test_three_peers_train_and_end_with_the_same_global_parameters(swarm, text_f
     for p in peers:
         s = summary(p)
         assert s["completed"] and s["skipped_rounds"] == 0
+        assert set(s["group_sizes"]) == {"3"}, s["group_sizes"]  # every average had all three
         assert s["eval_loss"] < s["eval_loss_initial"] - 0.5
         assert 0 < s["bytes_sent"] < s["data_parallel_bytes"] / 5
         assert not leftovers(p), "the peer left processes behind"
@@ -176,3 +177,20 @@ def test_peers_on_the_libp2p_transport_average_with_grpc_peers(swarm, text_file)
     for p in peers:
         s = summary(p)
         assert s["skipped_rounds"] == 0 and s["bytes_sent"] > 0, p.output()
+
+
+def test_a_swarm_larger_than_a_group_averages_in_random_groups(swarm, text_file):
+    """4 peers, groups of 2: every round splits the swarm into two groups, a different split each
+    round (matchmaking.partition), and no round is skipped."""
+    args = [*TINY, "--data", str(text_file), "--steps", "24", "--wait-for-peers", "4", "--group-size", "2",
+            "--json", "s.json"]
+    first = swarm.start(*args)
+    addr = first.join_address()
+    peers = [first] + [swarm.start(*args, "--initial-peers", addr) for _ in range(3)]
+    for p in peers:
+        assert p.wait(180) == 0, p.output()
+    for p in peers:
+        s = summary(p)
+        assert s["skipped_rounds"] == 0, p.output()
+        assert s["eval_loss"] < s["eval_loss_initial"] - 0.5
+        assert set(s["group_sizes"]) == {"2"}, s["group_sizes"]  # every average had 2 members

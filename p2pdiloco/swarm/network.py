@@ -39,6 +39,7 @@ class Network:
         self.control: ControlPlane | None = None
         self.server: grpc.aio.Server | None = None
         self.p2p = None
+        self.group_sizes: dict[int, int] = {}  # averages completed, by group size
         self.status = {"state": "joining", "step": 0, "tokens": 0, "tokens_per_s": 0.0, "rounds": {}}
         try:
             self.control = ControlPlane(ControlConfig(cfg.run_id, cfg.initial_peers, cfg.host, cfg.dht_port,
@@ -114,6 +115,7 @@ class Network:
         c = self.cfg
         group = await form_group(self.control, key, self.me, self.training_peers, c.group_size, c.matchmaking_s)
         result = await allreduce(self.book, self.channels, group, encoded, weight, c.reduce_timeout_s)
+        self.group_sizes[group.size] = self.group_sizes.get(group.size, 0) + 1
         log.debug("%s %d round %d: averaged with %d peer(s) (matchmaking %.2fs)", key.kind, key.index, key.round,
                  len(result.participants), group.waited_s)
         return result

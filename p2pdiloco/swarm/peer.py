@@ -194,7 +194,7 @@ class Peer:
                 "steps": w.step, "completed": w.step >= cfg.steps, "tokens": w.tokens,
                 "bytes_sent": w.bytes_sent, "peak_sync_bytes": w.peak_sync_bytes,
                 "data_parallel_bytes": self._data_parallel_bytes(w.step - 0),
-                "skipped_rounds": w.skipped_rounds, "wall_s": wall,
+                "skipped_rounds": w.skipped_rounds, "group_sizes": dict(self.net.group_sizes), "wall_s": wall,
                 "compute_fraction": compute_s / max(wall, 1e-9), "wait_s": w.wait_s}
 
     def _data_parallel_bytes(self, steps: int) -> int:
