@@ -8,12 +8,15 @@ E3M0 is a sign bit and a 3-bit exponent with no mantissa: code e=0 is zero, e=1.
 where S is the block's shared power-of-two exponent (one byte, like MX formats' E8M0 scale), chosen
 so that the block's absmax ≤ 2^S. Rounding is to the nearest level, so
 |x − q(x)| ≤ max(|x|/3, 2^(S−7)) ≤ max(|x|/3, absmax/64). Two codes are packed per byte, low nibble first.
+S is clamped to [−127, 127]: for absmax < 2^-127 the bound is 2^-134 rather than absmax/64, and for
+absmax > 2^127 values above 1.5·2^127 round down to 2^127.
 
 Blocks never straddle a span boundary when spans are cut at multiples of `align` (see spans.py), so a
 span of an encoded tensor is sliced out without re-encoding.
 """
 from __future__ import annotations
 
+import bisect
 import struct
 from dataclasses import dataclass
 
@@ -132,16 +135,93 @@ class Int8Codec(Codec):
 
 
 class E3M0Codec(Codec):
-    """4-bit E3M0 with a shared power-of-two (E8M0) exponent per block."""
+    """4-bit E3M0 with a shared power-of-two (E8M0) exponent per block.
+
+    Encoding and decoding work on fp32 bit patterns rather than calling frexp/ldexp per value, and in
+    chunks of `CHUNK` values so that the temporaries stay in cache; the output is bit for bit that of
+    the float formulation in `_encode_exact` (tests/test_codecs.py holds it as a reference and checks
+    the two agree). The bit tricks are exact for blocks with absmax 0 or in [2^-119, 2^127]; the rest
+    (subnormal-sized absmax, a clamped scale exponent, NaN/inf) take `_encode_exact`. Non-finite input
+    gets finite codes that mean nothing (NaN codes as +0 and drags its block's scale to 2^-127; a
+    block holding ±inf gets S = 0), so the data plane's check for non-finite decoded values cannot
+    catch it: keep NaN/inf out before encoding.
+    """
 
     bits, scale_bytes, scale_dtype = 4, 1, torch.uint8
     BIAS = 127
+    CHUNK = 1 << 16  # values per pass: a few int32 temporaries of this size fit in L2
 
     def __init__(self, block: int = 1024):
         self.name, self.codec_id, self.block = "e3m0", 5, block
 
+    def _unit(self) -> int:
+        # Chunks are whole blocks of an even length, so that scales and packed bytes never straddle two.
+        return self.block if self.block % 2 == 0 else 2 * self.block
+
+    def _step(self) -> int:
+        return max(self.CHUNK // self._unit(), 1) * self._unit()
+
     def encode(self, x: torch.Tensor) -> Encoded:
-        blocks, n = _blocks(x, self.block)
+        x = x.detach().float().reshape(-1)
+        n, block, step = x.numel(), self.block, self._step()
+        # Whole chunks are read in place; the rest is copied and zero-padded to whole blocks (and an
+        # even length), as the float formulation pads.
+        whole = n // step * step
+        tail = x.new_zeros(-(-(n - whole) // self._unit()) * self._unit())
+        tail[: n - whole] = x[whole:]
+
+        # Per block: S = ceil(log2 absmax) from absmax's bits (its unbiased exponent, plus one unless it
+        # is a power of two), and the offset that turns a value's bits into its code (see below).
+        absmax = torch.cat([_absmax(x[:whole], block), _absmax(tail, block)])
+        amax = absmax.view(torch.int32) & 0x7FFFFFFF
+        shared = (amax >> 23) - self.BIAS + ((amax & 0x7FFFFF) != 0).to(torch.int32)
+        shared = torch.where(amax > 0, shared, -self.BIAS)
+        offset = torch.where(amax > 0, 2 * shared + 2 * self.BIAS - 15, 1 << 20)
+        # The bit arithmetic is exact only if subnormal x cannot reach code 1 (S ≥ −119, i.e. absmax ≥
+        # 2^-119), y = |x| / 2^S ≤ 1 (absmax ≤ 2^127, no clamped S) and x is finite; other blocks take
+        # the float formulation.
+        slow = ((amax > 0) & (amax < 8 << 23)) | (amax > 254 << 23)
+        slow_rows = slow.nonzero().view(-1).tolist()
+
+        packed = torch.empty(-(-n // 2), dtype=torch.uint8, device=x.device)
+        buffers = [torch.empty(step, dtype=torch.int32, device=x.device) for _ in range(3)]
+        for lo in range(0, n, step):
+            src = x[lo: lo + step] if lo < whole else tail
+            m, b0 = src.numel(), lo // block
+            bits = src.view(torch.int32)
+            mag, v, t = (buf[:m] for buf in buffers)
+            torch.bitwise_and(bits, 0x7FFFFFFF, out=mag)  # |x| as an integer; ordered like |x|
+            # For y ≥ 2^-7, mag >> 22 is 2·(biased exponent) + (top mantissa bit), so
+            # v = (mag >> 22) − (2S + 239) = 2·(floor(log2 y) + 7) + top + 1, and v >> 1 is the nearest
+            # level plus 7 (rounding up from 0.75·2^k, as frexp's mant ≥ 0.75 does). v ≤ 0 exactly when
+            # y < 2^-7 (code 0); v = 1 is y in [2^-7, 1.5·2^-7), whose level −7 is lifted to code 1,
+            # hence the max with clamp(v, 0, 1). All-zero blocks' offset sends every v below 0.
+            torch.bitwise_right_shift(mag, 22, out=v)
+            v.view(-1, block).sub_(offset[b0: b0 + m // block, None])
+            torch.clamp(v, 0, 1, out=t)
+            torch.maximum(v.bitwise_right_shift_(1), t, out=v)
+            # Sign in bit 3 for x < 0: sign bit set and |x| > 0 (−0.0 codes like +0.0); −mag is
+            # negative exactly when mag > 0, so (bits & −mag) >> 31 is −1 for x < 0 and 0 otherwise.
+            torch.neg(mag, out=t).bitwise_and_(bits).bitwise_right_shift_(31)
+            v.sub_(t, alpha=8)
+            lo_row = bisect.bisect_left(slow_rows, b0)
+            hi_row = bisect.bisect_left(slow_rows, b0 + m // block)
+            if lo_row < hi_row:
+                rows = torch.tensor(slow_rows[lo_row:hi_row], device=x.device)
+                code, shared[rows] = self._encode_exact(src.view(-1, block)[rows - b0])
+                v.view(-1, block)[rows - b0] = code.to(torch.int32)
+            # Two codes per byte, low nibble first: as int64 (little-endian, like the rest of the wire
+            # format) a pair is lo + 2^32·hi, and the low byte of (pair >> 28) | pair is lo | hi << 4.
+            pair = v.view(torch.int64)
+            t64 = t.view(torch.int64)
+            torch.bitwise_right_shift(pair, 28, out=t64).bitwise_or_(pair)
+            nbytes = min(m, n - lo + 1) // 2
+            packed[lo // 2: lo // 2 + nbytes] = t64[:nbytes]
+        scales = (shared[: -(-n // block)] + self.BIAS).to(torch.uint8)
+        return Encoded(self, n, scales.cpu(), packed.cpu())
+
+    def _encode_exact(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float formulation of the codes (uint8, sign in bit 3) and S, for blocks of shape (m, block)."""
         amax = blocks.abs().amax(dim=1)
         # Smallest S with absmax ≤ 2^S; all-zero blocks get the smallest exponent (their codes are 0).
         _, exp = torch.frexp(amax)
@@ -153,20 +233,39 @@ class E3M0Codec(Codec):
         level = e - 1 + (mant >= 0.75).to(e.dtype)  # nearest power of two, as an exponent ≤ 0
         code = torch.where(y >= 2.0 ** -7, (level + 7).clamp(1, 7), torch.zeros_like(level))
         code = code.to(torch.uint8) | (blocks < 0).to(torch.uint8) << 3
-        code = code.reshape(-1)[:n]
-        if n % 2:
-            code = torch.cat([code, code.new_zeros(1)])
-        packed = code[0::2] | code[1::2] << 4
-        return Encoded(self, n, (shared + self.BIAS).to(torch.uint8).cpu(), packed.cpu())
+        return code, shared
 
     def decode(self, enc: Encoded) -> torch.Tensor:
-        codes = torch.stack([enc.values & 0xF, enc.values >> 4], dim=1).reshape(-1)[: enc.numel]
-        e = (codes & 7).to(torch.int32)
+        n, block, step = enc.numel, self.block, self._step()
         shared = (enc.scales.to(torch.int32) - self.BIAS).clamp(max=self.BIAS)
-        shared = shared.repeat_interleave(self.block)[: enc.numel]
-        mag = torch.ldexp(torch.ones(enc.numel), shared + e - 7)
-        mag = torch.where(e == 0, torch.zeros_like(mag), mag)
-        return torch.where(codes >= 8, -mag, mag)
+        scale = torch.ldexp(torch.ones(shared.numel()), shared)  # exact: 2^-127 is a subnormal, not 0
+        out = torch.empty(n)
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            m, s = hi - lo, scale[lo // block: -(-hi // block)]
+            # Each byte looks up both of its values at once (one int64 = two fp32), then the block
+            # scale multiplies them: level · 2^S is a power of two ≥ 2^-133, so the product is exact.
+            pairs = _E3M0_PAIRS.index_select(0, enc.values[lo // 2: (hi + 1) // 2].to(torch.int32))
+            vals = pairs.view(torch.float32)[:m]
+            full = m // block * block
+            torch.mul(vals[:full].view(-1, block), s[: full // block, None], out=out[lo: lo + full].view(-1, block))
+            if full < m:
+                torch.mul(vals[full:], s[-1], out=out[lo + full: hi])
+        return out
+
+
+# E3M0 code → value / 2^S: 0, 2^-6 … 2^0, then the same negated (code 8 is −0.0).
+_E3M0_LEVELS = [0.0] + [2.0 ** (e - 7) for e in range(1, 8)]
+_E3M0_VALUES = torch.tensor(_E3M0_LEVELS + [-v for v in _E3M0_LEVELS])
+# Packed byte → (low nibble's value, high nibble's value), stored as one int64 per byte.
+_E3M0_PAIRS = torch.stack([_E3M0_VALUES.repeat(16), _E3M0_VALUES.repeat_interleave(16)], 1).view(torch.int64).view(-1)
+
+
+def _absmax(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Per-block max |x| of x (a whole number of blocks); NaN if a block holds one. Two reductions
+    beat abs() + amax and aminmax, which are not vectorised as well."""
+    blocks = x.view(-1, block)
+    return torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg())
 
 
 def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:

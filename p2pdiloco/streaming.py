@@ -176,6 +176,16 @@ class Worker:
         if f in self.in_flight:  # its previous mean is still owed: settle it first
             self._finish(f, self.in_flight.pop(f))
         delta = self.global_params[f] - self.views[f].read()
+        if not torch.isfinite(delta).all():
+            # A diverged replica must not poison the average (a 4-bit code cannot even show a NaN):
+            # restart this fragment from the global copy and sit this round out.
+            log.error("%s: fragment %d has non-finite values; restarting it from the global copy", self.name, f)
+            self.views[f].write(self.global_params[f])
+            future: Future = Future()
+            future.set_exception(FloatingPointError(f"fragment {f} diverged"))
+            self.in_flight[f] = _InFlight(rnd, future, self.step, float(self.tokens_since[f]), None, None, 0.0)
+            self.tokens_since[f] = 0
+            return
         encoded, residual_before = self._encode_delta(f, delta)
         weight = float(self.tokens_since[f])
         future = self.averager.submit(SyncKey("fragment", f, rnd), encoded, weight)

@@ -186,3 +186,22 @@ class _Recorder:
 def test_bad_streaming_configs(text_file, kwargs, match):
     with pytest.raises(ValueError, match=match):
         sim_config(text_file, **kwargs).validate()
+
+
+def test_a_diverged_fragment_is_not_sent_and_restarts_from_the_global_copy(text_file, small_corpus):
+    cfg = sim_config(text_file, H=4, fragments=1, tau=1, alpha=0.5, codec="e3m0", timeout_s=0.05)
+    sim = Simulation(cfg, small_corpus)
+    sim.averager.drop("worker2")  # the diverged worker sits the round out; the others average
+    for _ in range(3):
+        sim.train_step()
+    half_step(sim)
+    bad = sim.workers[2]
+    with torch.no_grad():
+        next(bad.model.parameters()).view(-1)[0] = float("nan")
+    for w in sim.workers:
+        w.send_due()
+        w.apply_due()
+    assert bad.skipped_rounds == 1 and 0 in bad.missed
+    assert torch.isfinite(params(bad)).all()
+    torch.testing.assert_close(params(bad), bad.global_params[0], rtol=0, atol=0)  # restarted from global
+    assert all(w.skipped_rounds == 0 for w in sim.workers[:2])
