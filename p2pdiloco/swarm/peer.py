@@ -119,7 +119,7 @@ class Peer:
         such a fragment is due next step (averaging from a stale base would split the swarm): then
         retry until it is current. If for `record_ttl_s` no peer is ahead, the round failed for
         everyone (a dead owner, say) and every copy is still the same."""
-        w = self.worker
+        w, started = self.worker, time.perf_counter()
         while w.missed and not self.stopping.is_set():
             now = time.monotonic()
             for f in w.missed:
@@ -140,6 +140,7 @@ class Peer:
                 break
             time.sleep(0.1)
         self._next_catch_up = time.monotonic() + 0.5
+        w.wait_s += time.perf_counter() - started  # time on the network, not computing
 
     async def _state_for_newcomer(self, fragments: set[int] | None) -> bytes:
         """Called on the network thread; the copy runs in its executor so the loop keeps serving."""
@@ -163,7 +164,7 @@ class Peer:
         before = evaluate(w.load_global_into(self.eval_model), self.val)
         self.out(f"[peer] training from step {w.step} to {cfg.steps}; eval loss of the global model {before:.4f}",
                  flush=True)
-        start, last_report, tokens0, compute_s = time.perf_counter(), 0.0, w.tokens, 0.0
+        start, last_report, tokens0, step0, compute_s = time.perf_counter(), 0.0, w.tokens, w.step, 0.0
         while w.step < cfg.steps and not self.stopping.is_set():
             t0, wait0 = time.perf_counter(), w.wait_s
             loss = w.forward_backward(*self.sampler.next())
@@ -193,14 +194,15 @@ class Peer:
         return {"peer_id": self.net.peer_id, "eval_loss_initial": before, "eval_loss": after,
                 "steps": w.step, "completed": w.step >= cfg.steps, "tokens": w.tokens,
                 "bytes_sent": w.bytes_sent, "peak_sync_bytes": w.peak_sync_bytes,
-                "data_parallel_bytes": self._data_parallel_bytes(w.step - 0),
+                "data_parallel_bytes": self._data_parallel_bytes(w.step - step0),
                 "skipped_rounds": w.skipped_rounds, "group_sizes": dict(self.net.group_sizes), "wall_s": wall,
                 "compute_fraction": compute_s / max(wall, 1e-9), "wait_s": w.wait_s}
 
     def _data_parallel_bytes(self, steps: int) -> int:
-        """What a bf16 ring all-reduce of the gradients would have sent per peer over these steps."""
+        """What a bf16 ring all-reduce of the gradients, among as many peers as this one averaged
+        with, would have sent per peer over these steps."""
         n = sum(p.numel() for p in self.worker.model.parameters())
-        m = max(2, len(self.net.training_peers()) or 2)
+        m = max(self.net.group_sizes, default=2)
         return int(steps * 2 * (m - 1) / m * n * 2)
 
     # ---- leaving
