@@ -88,6 +88,12 @@ class Swarm:
         self.peers.append(peer)
         return peer
 
+    def start_run(self, n: int, *args: str) -> list[PeerProcess]:
+        """A first peer, then n - 1 that join it through its printed join line."""
+        first = self.start(*args)
+        addr = first.join_address()
+        return [first] + [self.start(*args, "--initial-peers", addr) for _ in range(n - 1)]
+
     def close(self) -> None:
         for p in self.peers:
             p.kill_group()

@@ -49,16 +49,19 @@ def assert_same_models(a: dict, b: dict, atol: float = 0.0) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def test_three_peers_train_and_end_with_the_same_global_parameters(swarm, text_file):
-    args = [*TINY, "--data", str(text_file), "--steps", "24", "--wait-for-peers", "3", "--json", "s.json"]
-    first = swarm.start(*args)
-    addr = first.join_address()
-    peers = [first] + [swarm.start(*args, "--initial-peers", addr) for _ in range(2)]
+def finish_with_same_models(peers) -> None:
+    """Every peer exits 0 and holds the same global parameters."""
     for p in peers:
         assert p.wait(180) == 0, p.output()
     models = [checkpoint_model(p) for p in peers]
     for m in models[1:]:
         assert_same_models(models[0], m)
+
+
+def test_three_peers_train_and_end_with_the_same_global_parameters(swarm, text_file):
+    args = [*TINY, "--data", str(text_file), "--steps", "24", "--wait-for-peers", "3", "--json", "s.json"]
+    peers = swarm.start_run(3, *args)
+    finish_with_same_models(peers)
     for p in peers:
         s = summary(p)
         assert s["completed"] and s["skipped_rounds"] == 0
@@ -96,12 +99,9 @@ def test_networked_run_equals_simulate_with_fp32(swarm, text_file):
 def test_a_killed_and_a_frozen_peer_do_not_stop_the_others(swarm, text_file):
     args = [*TINY, "--data", str(text_file), "--steps", "60", "--wait-for-peers", "4", "--json", "s.json",
             "--matchmaking-timeout", "3", "--reduce-timeout", "3"]
-    first = swarm.start(*args)
-    addr = first.join_address()
-    peers = [first] + [swarm.start(*args, "--initial-peers", addr) for _ in range(3)]
+    peers = swarm.start_run(4, *args)
     for p in peers:
-        p.wait_for(r"training from step 0", 120)
-    time.sleep(1)
+        p.wait_for(r"first average applied", 120)  # mid-run: the swarm has averaged
     os.killpg(peers[2].proc.pid, signal.SIGKILL)
     os.kill(peers[3].proc.pid, signal.SIGSTOP)
     try:
@@ -169,11 +169,7 @@ def test_peers_on_the_libp2p_transport_average_with_grpc_peers(swarm, text_file)
     assert first.wait_for(r"serving on (\S+)", 30).group(1).startswith("p2p:")
     peers = [first, swarm.start(*args, "--transport", "libp2p", "--initial-peers", addr),
              swarm.start(*args, "--transport", "grpc", "--initial-peers", addr)]
-    for p in peers:
-        assert p.wait(180) == 0, p.output()
-    models = [checkpoint_model(p) for p in peers]
-    for m in models[1:]:
-        assert_same_models(models[0], m)
+    finish_with_same_models(peers)
     for p in peers:
         s = summary(p)
         assert s["skipped_rounds"] == 0 and s["bytes_sent"] > 0, p.output()
@@ -184,9 +180,7 @@ def test_a_swarm_larger_than_a_group_averages_in_random_groups(swarm, text_file)
     round (matchmaking.partition), and no round is skipped."""
     args = [*TINY, "--data", str(text_file), "--steps", "24", "--wait-for-peers", "4", "--group-size", "2",
             "--json", "s.json"]
-    first = swarm.start(*args)
-    addr = first.join_address()
-    peers = [first] + [swarm.start(*args, "--initial-peers", addr) for _ in range(3)]
+    peers = swarm.start_run(4, *args)
     for p in peers:
         assert p.wait(180) == 0, p.output()
     for p in peers:

@@ -26,7 +26,7 @@ from .dataplane import Channels, Identity, RoundBook, Servicer, allreduce, chann
 from .gen import p2pdiloco_pb2_grpc as pb_grpc
 from .loop import BackgroundLoop
 from .matchmaking import Member, form_group
-from .records import PeerRecord
+from .records import PROTOCOL_VERSION, PeerRecord
 from .state import StateError, download_state
 
 log = logging.getLogger("p2pdiloco.network")
@@ -80,7 +80,7 @@ class Network:
     # ---- the peer record and its heartbeat
     def record(self) -> PeerRecord:
         s = self.status
-        return PeerRecord(self.peer_id, self.address, self.control.maddrs(), 1, self.config_hash,
+        return PeerRecord(self.peer_id, self.address, self.control.maddrs(), PROTOCOL_VERSION, self.config_hash,
                           self.config_text, s["state"], int(s["step"]), int(s["tokens"]),
                           float(s["tokens_per_s"]), {str(k): int(v) for k, v in s["rounds"].items()})
 

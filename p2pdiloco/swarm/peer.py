@@ -11,12 +11,10 @@ import copy
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..data import Corpus, ShardSampler
@@ -165,6 +163,7 @@ class Peer:
         self.out(f"[peer] training from step {w.step} to {cfg.steps}; eval loss of the global model {before:.4f}",
                  flush=True)
         start, last_report, tokens0, step0, compute_s = time.perf_counter(), 0.0, w.tokens, w.step, 0.0
+        first_average = bool(w.applied_rounds)  # a newcomer's download already holds averages
         while w.step < cfg.steps and not self.stopping.is_set():
             t0, wait0 = time.perf_counter(), w.wait_s
             loss = w.forward_backward(*self.sampler.next())
@@ -181,6 +180,10 @@ class Peer:
                 urgent = bool(w.missed & set(due_fragments(w.step + 1, w.offsets, cfg.streaming.H)))
                 if urgent or time.monotonic() >= self._next_catch_up:
                     self._catch_up(urgent)
+            if w.applied_rounds and not first_average:  # the swarm works: say so once
+                first_average = True
+                self.out(f"[peer] first average applied at step {w.step} "
+                         f"(groups so far: {dict(self.net.group_sizes)})", flush=True)
             compute_s += time.perf_counter() - t0 - (w.wait_s - wait0)
             elapsed = time.perf_counter() - start
             status.update(step=w.step, tokens=w.tokens, tokens_per_s=(w.tokens - tokens0) / max(elapsed, 1e-9),
