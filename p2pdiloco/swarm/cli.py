@@ -21,6 +21,8 @@ SWARM_OPTIONS: list[tuple[str, str, dict]] = [
     ("--port", "port", {"type": int, "help": "gRPC data plane port (default 0: any free port)"}),
     ("--dht-port", "dht_port", {"type": int, "help": "libp2p DHT port (default 0: any free port)"}),
     ("--identity", "identity_path", {"metavar": "FILE", "help": "libp2p key file for a stable peer id"}),
+    ("--join-dir", "join_dir", {"metavar": "DIR", "help": "shared folder of live peers' addresses: publish this "
+                                "peer's there, and join through them when no --initial-peers are given"}),
     ("--transport", "transport", {"choices": ["auto", "grpc", "libp2p"]}),
     ("--group-size", "group_size", {"type": int}),
     ("--matchmaking-timeout", "matchmaking_s", {"type": float, "help": "seconds to wait for peers to declare a round"}),

@@ -19,6 +19,7 @@ class SwarmConfig:
     port: int = 0  # gRPC data plane port (0: any free port)
     dht_port: int = 0  # libp2p port of the DHT (0: any free port)
     identity_path: str = ""  # a libp2p key file: a stable peer id, and so a stable join line
+    join_dir: str = ""  # a shared folder of live peers' addresses (joindir.py): join without copying a peer id
     # How others reach this peer's data plane: grpc (host:port; auto means grpc), or libp2p (streams
     # over the DHT's daemon, for a peer that cannot accept connections). Every peer serves both.
     transport: str = "auto"
@@ -49,6 +50,9 @@ class SwarmConfig:
             if not m.startswith("/") or "/p2p/" not in m:
                 raise ValueError(f"swarm.initial_peers: '{m}' is not a libp2p multiaddress with a peer id "
                                  f"(like /ip4/1.2.3.4/tcp/4000/p2p/12D3Koo...); copy it from a peer's join line")
+        if self.host in ("0.0.0.0", "::") and not self.announce_host:
+            raise ValueError(f"swarm.announce_host is needed when swarm.host is {self.host}: other peers cannot "
+                             f"connect to a wildcard address; pass --announce-host with this machine's reachable address")
         if self.transport not in ("grpc", "auto", "libp2p"):
             raise ValueError(f"swarm.transport '{self.transport}' is unknown; use auto, grpc or libp2p")
         for name in ("port", "dht_port"):

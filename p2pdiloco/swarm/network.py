@@ -80,7 +80,7 @@ class Network:
     # ---- the peer record and its heartbeat
     def record(self) -> PeerRecord:
         s = self.status
-        return PeerRecord(self.peer_id, self.address, self.control.maddrs(), PROTOCOL_VERSION, self.config_hash,
+        return PeerRecord(self.peer_id, self.address, self.maddrs(), PROTOCOL_VERSION, self.config_hash,
                           self.config_text, s["state"], int(s["step"]), int(s["tokens"]),
                           float(s["tokens_per_s"]), {str(k): int(v) for k, v in s["rounds"].items()})
 
@@ -97,9 +97,20 @@ class Network:
             except Exception as exc:  # a missed heartbeat is logged; the record's TTL covers a few
                 log.warning("heartbeat failed: %s", exc)
 
-    def join_line(self) -> str:
+    def maddrs(self) -> list[str]:
+        """This peer's DHT addresses, the one others should use first: with --announce-host, that
+        address (added if the daemon does not list it, as behind NAT or in a container)."""
         maddrs = self.control.maddrs()
-        return f"p2pdiloco peer --run-id {self.cfg.run_id} --initial-peers {maddrs[0]}"
+        announce = self.cfg.announce_host
+        if not announce or not maddrs:
+            return maddrs
+        proto = "ip4" if all(p.isdigit() for p in announce.split(".")) and announce.count(".") == 3 else "dns4"
+        port, peer = maddrs[0].split("/tcp/", 1)[1].split("/p2p/", 1)
+        mine = f"/{proto}/{announce}/tcp/{port}/p2p/{peer}"
+        return [mine] + [m for m in maddrs if m != mine]
+
+    def join_line(self) -> str:
+        return f"p2pdiloco peer --run-id {self.cfg.run_id} --initial-peers {self.maddrs()[0]}"
 
     # ---- peers and averages
     def peers(self) -> list[PeerRecord]:

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,7 +24,9 @@ from ..inner import InnerOptimizer
 from ..model import Transformer, model_config
 from ..simulate import SimConfig, _check_vocab, evaluate, write_json
 from ..streaming import Worker
+from . import joindir
 from .config import SwarmConfig
+from .control import SwarmStartError
 from .network import Network
 from .records import config_hash, describe_config
 from .state import StateError, catch_up, restore, snapshot
@@ -37,6 +40,10 @@ class ConfigMismatch(ValueError):
 
 class Peer:
     def __init__(self, cfg: SimConfig, swarm: SwarmConfig, out=print):
+        if swarm.join_dir and not swarm.initial_peers:  # join through the live peers listed there
+            swarm = replace(swarm, initial_peers=joindir.read(swarm.join_dir))
+            out(f"[peer] --join-dir {swarm.join_dir}: " + (f"joining through {len(swarm.initial_peers)} address(es)"
+                                                           if swarm.initial_peers else "no peers listed; starting a new swarm"))
         self.cfg, self.swarm, self.out = cfg.validate(), swarm.validate(cfg.workers), out
         self.corpus = Corpus.load(cfg.data)
         mcfg = model_config(cfg.model)
@@ -47,7 +54,14 @@ class Peer:
         self.val = self.corpus.val_batches(cfg.batch_size, cfg.eval_batches)
         self.stopping = threading.Event()
         self._next_catch_up, self._missed_since = 0.0, {}
-        self.net = Network(swarm, config_hash(cfg), describe_config(cfg), cfg.streaming.codec, self._state_for_newcomer)
+        try:
+            self.net = Network(swarm, config_hash(cfg), describe_config(cfg), cfg.streaming.codec,
+                               self._state_for_newcomer)
+        except SwarmStartError as exc:
+            if swarm.join_dir and swarm.initial_peers:
+                raise SwarmStartError(f"{exc}. The addresses came from --join-dir {swarm.join_dir}: files of "
+                                      f"peers that crashed stay there; delete them if no peer of the run is alive") from None
+            raise
         try:
             self.worker = Worker(self.net.peer_id[-8:], model, InnerOptimizer(model, cfg.inner, cfg.steps),
                                  cfg.streaming, cfg.outer, self.net.averager())
@@ -152,6 +166,8 @@ class Peer:
             line = self.net.join_line()
             self.out(f"[peer] {self.net.peer_id} serving on {self.net.address}", flush=True)
             self.out(f"[peer] join with: {line}", flush=True)
+            if self.swarm.join_dir:
+                joindir.publish(self.swarm.join_dir, self.net.peer_id, self.net.maddrs())
             self.join()
             return self.train()  # a stop during join() trains zero steps and leaves
         finally:
@@ -237,6 +253,8 @@ class Peer:
                 self.out(f"[peer] checkpoint: {self.checkpoint()}")
         except Exception as exc:  # leaving must not lose the exit: say what failed
             log.error("could not write the checkpoint: %s", exc)
+        if self.swarm.join_dir:
+            joindir.withdraw(self.swarm.join_dir, self.net.peer_id)
         self.net.close()
 
 
