@@ -55,6 +55,9 @@ OPTIONS: list[tuple[str, str | None, str, dict]] = [
                                                            "help": "send each round's Δ without last round's codec error"}),
     ("--dp-warmup-steps", "streaming", "dp_warmup_steps", {"type": int}),
     ("--timeout", "streaming", "timeout_s", {"type": float, "help": "seconds to wait for a late average"}),
+    ("--round-seconds", "streaming", "round_s", {"type": float, "help": "time-budget rounds (peers only): each "
+                                                "fragment syncs every this many seconds instead of every H steps"}),
+    ("--duration", "streaming", "duration_s", {"type": float, "help": "time-budget rounds: seconds of training"}),
     ("--inner-optimizer", "inner", "optimizer", {"choices": ["adamw", "sgd"]}),
     ("--inner-lr", "inner", "lr", {"type": float}),
     ("--warmup-steps", "inner", "warmup_steps", {"type": int}),

@@ -85,7 +85,8 @@ class FlatView:
         self.params = [params[n] for n in fragment.param_names]
 
     def read(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
+        # Global copies, outer state and codecs live on the CPU: syncs are rare, device memory is not.
+        return torch.cat([p.detach().reshape(-1).float() for p in self.params]).cpu()
 
     @torch.no_grad()
     def write(self, flat: torch.Tensor) -> None:

@@ -58,7 +58,8 @@ class SimConfig:
 def evaluate(model: torch.nn.Module, batches) -> float:
     model.eval()
     with torch.no_grad():
-        losses = [float(model(x, y)) for x, y in batches]
+        device = next(model.parameters()).device
+        losses = [float(model(x.to(device), y.to(device))) for x, y in batches]
     model.train()
     return sum(losses) / len(losses)
 
@@ -75,6 +76,9 @@ class Simulation:
 
     def __init__(self, cfg: SimConfig, corpus: Corpus | None = None):
         self.cfg = cfg.validate()
+        if cfg.streaming.round_s:
+            raise ValueError("streaming.round_s (time-budget rounds) runs on real peers (`p2pdiloco peer`); "
+                             "the simulator steps its workers in lock-step")
         self.corpus = corpus or Corpus.load(cfg.data)
         mcfg = model_config(cfg.model)
         _check_vocab(self.corpus, mcfg.vocab_size)

@@ -34,9 +34,10 @@ from torch import nn
 
 from .averaging import Averager, SyncKey
 from .codecs import get_codec
-from .fragments import FlatView, build_fragments, due_fragments, next_round, sync_offsets, sync_round
+from .fragments import FlatView, build_fragments, sync_offsets
 from .inner import InnerOptimizer
 from .outer import OuterConfig, OuterSGD
+from .schedule import StepSchedule
 
 log = logging.getLogger("p2pdiloco.streaming")
 
@@ -54,6 +55,10 @@ class StreamingConfig:
     dp_warmup_steps: int = 0
     error_feedback: bool = True  # carry what the codec dropped into the fragment's next Δ
     timeout_s: float = 60.0  # the longest a worker waits for a late average before skipping it
+    # Time-budget mode (schedule.py, real peers only): each fragment syncs every round_s seconds of
+    # wall clock instead of every H steps, and training ends after duration_s seconds. 0: fixed H.
+    round_s: float = 0.0
+    duration_s: float = 0.0
 
     def validate(self, n_blocks: int) -> "StreamingConfig":
         if self.mode not in ("streaming", "data_parallel"):
@@ -75,6 +80,17 @@ class StreamingConfig:
             raise ValueError("streaming.eager needs streaming.tau ≥ 1: with no delay there is nothing to be eager about")
         if self.dp_warmup_steps < 0 or self.timeout_s <= 0:
             raise ValueError("streaming.dp_warmup_steps must be ≥ 0 and streaming.timeout_s positive")
+        if self.round_s < 0 or self.duration_s < 0:
+            raise ValueError("streaming.round_s and streaming.duration_s must be ≥ 0 (0: fixed-H rounds)")
+        if self.round_s > 0:
+            if self.duration_s < self.round_s:
+                raise ValueError(f"streaming.duration_s ({self.duration_s}) must be at least one round "
+                                 f"(streaming.round_s = {self.round_s}): time-budget rounds end by the clock")
+            if self.mode != "streaming" or self.dp_warmup_steps:
+                raise ValueError("streaming.round_s (time-budget rounds) needs mode 'streaming' and no "
+                                 "dp_warmup_steps: data-parallel steps are paced by every peer at once")
+        elif self.duration_s:
+            raise ValueError("streaming.duration_s is for time-budget rounds; set streaming.round_s too")
         return self
 
 
@@ -102,6 +118,9 @@ class Worker:
         self.outer = [OuterSGD(outer, f.numel) for f in self.fragments]
         self.residuals = [torch.zeros(f.numel) for f in self.fragments] if cfg.error_feedback else None
         self.offsets = sync_offsets(len(self.fragments), cfg.H)
+        # A swarm peer in time-budget mode swaps in a ClockSchedule once it knows the run's epoch.
+        self.schedule = StepSchedule(self.offsets, cfg.H, inner.total_steps)
+        self._due_now: tuple[int, set[int]] = (-1, set())  # (step, fragments that began a sync after it)
         self.in_flight: dict[int, _InFlight] = {}
         self.tokens_since = [0] * len(self.fragments)
         self.step = 0  # inner steps taken
@@ -122,17 +141,26 @@ class Worker:
         return self.cfg.mode == "data_parallel" or self.step < self.cfg.dp_warmup_steps
 
     # ---- phase 1: local gradient (and, data-parallel, hand it to the averager)
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        loss = self.model(inputs, targets)
-        loss.backward()
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int = 0) -> float:
+        """One step's gradient, accumulated over micro-batches of `micro_batch` sequences (0: all
+        at once) so a small device takes the same step as a large one."""
+        device = next(self.model.parameters()).device
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        size = len(inputs)
+        chunk = micro_batch or size
+        loss_sum = 0.0
+        for i in range(0, size, chunk):
+            loss = self.model(inputs[i: i + chunk], targets[i: i + chunk]) * (len(inputs[i: i + chunk]) / size)
+            loss.backward()
+            loss_sum += loss.item()
         n = targets.numel()
         self.tokens += n
         self.tokens_since = [t + n for t in self.tokens_since]
         if self.data_parallel_now:
-            grads = torch.cat([p.grad.reshape(-1) for p in self.model.parameters()])
+            grads = torch.cat([p.grad.reshape(-1) for p in self.model.parameters()]).float().cpu()
             key = SyncKey("grad", 0, self.step)
             self._grad_future = self.averager.submit(key, self.grad_codec.encode(grads), float(n))
-        return loss.item()
+        return loss_sum
 
     # ---- phase 2: the inner step (data-parallel: on the averaged gradient)
     def optimizer_step(self) -> None:
@@ -144,7 +172,7 @@ class Worker:
             for p in self.model.parameters():
                 p.grad.copy_(result.mean[offset: offset + p.numel()].view_as(p))
                 offset += p.numel()
-        self.inner.step(self.step)
+        self.inner.step(self.schedule.lr_step(self.step))
         self.step += 1
         if self.step == self.cfg.dp_warmup_steps and self.cfg.mode == "streaming":
             # Switch to streaming: every replica is identical here, so this is the shared start.
@@ -155,8 +183,10 @@ class Worker:
     def send_due(self) -> None:
         if self.data_parallel_now:
             return
-        for f in due_fragments(self.step, self.offsets, self.cfg.H):
-            self._send(f, sync_round(self.step, self.offsets[f], self.cfg.H), final=False)
+        due = self.schedule.due(self.step)
+        self._due_now = (self.step, {f for f, _ in due})
+        for f, rnd in due:
+            self._send(f, rnd, final=False)
 
     def send_final(self) -> None:
         """End of training: every fragment not synced at this very step syncs once more, so the
@@ -164,13 +194,13 @@ class Worker:
         evaluated on a fully synced model. The replicas then restart from it (α = 0)."""
         if self.data_parallel_now:
             return
-        due = due_fragments(self.step, self.offsets, self.cfg.H)
+        due = self._due_now[1] if self._due_now[0] == self.step else set()
         for f in range(len(self.fragments)):
             if f in due:  # sent at this step already: only its landing changes, no more training follows
                 if f in self.in_flight:
                     self.in_flight[f].alpha = 0.0
             else:
-                self._send(f, next_round(self.step, self.offsets[f], self.cfg.H), final=True)
+                self._send(f, self.schedule.next_round(f, self.step), final=True)
 
     def _send(self, f: int, rnd: int, final: bool) -> None:
         if f in self.in_flight:  # its previous mean is still owed: settle it first

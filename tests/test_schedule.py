@@ -75,3 +75,55 @@ def test_flat_view_roundtrip(model):
     assert all(torch.all(p == 1.5) for p in view.params)
     view.write(flat)
     assert torch.equal(view.read(), flat)
+
+
+# ---- time-budget rounds (schedule.py)
+from p2pdiloco.schedule import ClockSchedule, StepSchedule  # noqa: E402
+
+
+class FakeClock:
+    def __init__(self, t: float):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.mark.parametrize("P,H", [(1, 10), (2, 30), (3, 30), (4, 100)])
+def test_clock_schedule_names_the_same_rounds_as_the_step_schedule_at_a_steady_pace(P, H):
+    """At exactly W/H seconds per step the clock reproduces the step schedule, round numbers included."""
+    offsets = sync_offsets(P, H)
+    W, epoch = 6.0, 1000.0
+    clock = FakeClock(epoch)
+    steps, timed = StepSchedule(offsets, H, 5 * H), ClockSchedule(offsets, H, 5 * H, epoch, W, 5 * W, clock)
+    for step in range(1, 5 * H + 1):
+        clock.t = epoch + step * W / H
+        assert timed.due(step) == steps.due(step), step
+        assert timed.finished(step) == steps.finished(step)
+        assert timed.lr_step(step) == steps.lr_step(step)
+        for f in range(P):
+            assert timed.next_round(f, step) == steps.next_round(f, step)
+
+
+def test_a_fast_peer_takes_more_steps_per_round_and_a_slow_one_skips_to_the_latest_round():
+    clock = FakeClock(0.0)
+    s = ClockSchedule([0, 5], 10, 100, epoch=0.0, round_s=10.0, duration_s=100.0, clock=clock)
+    seen = []
+    for step in range(1, 2501):  # 10 ms steps: 1000 steps per 10 s round
+        clock.t = step * 0.01
+        seen += [(f, r, step) for f, r in s.due(step)]
+    assert seen == [(1, 0, 500), (0, 0, 1000), (1, 1, 1500), (0, 1, 2000), (1, 2, 2500)]
+    clock.t = 47.0  # one step that took 22 s: rounds went by; each fragment begins only the latest
+    assert s.due(2501) == [(0, 3), (1, 4)]
+    assert s.due(2502) == []
+
+
+def test_a_newcomer_mid_run_begins_with_the_next_round_not_the_past_ones():
+    clock = FakeClock(124.0)
+    s = ClockSchedule([0, 5], 10, 100, epoch=100.0, round_s=10.0, duration_s=100.0, clock=clock)
+    assert s.due(1) == []  # rounds already past belong to the peers that were there
+    assert s.next_round(0, 1) == 2 and s.next_round(1, 1) == 2
+    clock.t = 126.0
+    assert s.due(2) == [(1, 2)]
+    clock.t = 200.0
+    assert s.finished(3) and s.lr_step(3) == 100

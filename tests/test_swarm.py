@@ -188,3 +188,25 @@ def test_a_swarm_larger_than_a_group_averages_in_random_groups(swarm, text_file)
         assert s["skipped_rounds"] == 0, p.output()
         assert s["eval_loss"] < s["eval_loss_initial"] - 0.5
         assert set(s["group_sizes"]) == {"2"}, s["group_sizes"]  # every average had 2 members
+
+
+@pytest.mark.timeout(240)
+def test_time_budget_rounds_keep_fast_peers_busy_beside_a_slow_one(swarm):
+    """Mixed hardware: one peer 3x slower. With time-budget rounds every peer trains until the
+    round's clock time, so the fast ones do more steps instead of waiting, all of them average
+    in every round (weighted by tokens) and end with one global model."""
+    args = [*TINY, "--steps", "60", "--round-seconds", "4", "--duration", "16", "--wait-for-peers", "3",
+            "--json", "s.json"]
+    first = swarm.start(*args)
+    addr = first.join_address()
+    fast = swarm.start(*args, "--initial-peers", addr)
+    slow = swarm.start(*args, "--initial-peers", addr, "--slowdown", "3")
+    peers = [first, fast, slow]
+    for p in peers:
+        p.wait_for("time-budget rounds: every fragment syncs each 4s", 90)
+    finish_with_same_models(peers)
+    s = [summary(p) for p in peers]
+    assert all(x["completed"] and x["skipped_rounds"] == 0 for x in s), s
+    assert s[2]["slowdown"] == 3.0
+    assert min(s[0]["steps"], s[1]["steps"]) > 1.5 * s[2]["steps"], [x["steps"] for x in s]
+    assert all(x["group_sizes"].get("3", 0) >= 6 for x in s), [x["group_sizes"] for x in s]

@@ -10,6 +10,7 @@ import json
 
 from .. import config
 from ..config import build
+from ..hardware import HardwareConfig, load_profile, profile_names
 from .config import SwarmConfig
 
 SWARM_OPTIONS: list[tuple[str, str, dict]] = [
@@ -34,16 +35,33 @@ SWARM_OPTIONS: list[tuple[str, str, dict]] = [
     ("--max-message-mb", "max_message_mb", {"type": int}),
     ("--shard", "shard", {"type": int, "help": "data shard in [0, --workers); default: a random order of all data"}),
     ("--checkpoint-dir", "checkpoint_dir", {}),
+    ("--eval-every-seconds", "eval_every_s", {"type": float, "help": "evaluate the global model this often "
+                                              "for the summary's loss-against-wall-clock curve (default: start and end)"}),
     ("--json", "summary_json", {"metavar": "FILE", "help": "write the peer's summary here at the end"}),
+]
+
+
+HARDWARE_OPTIONS: list[tuple[str, str, dict]] = [
+    ("--device", "device", {"choices": ["auto", "cpu", "cuda", "mps"], "help": "default auto: cuda, else mps, else cpu"}),
+    ("--threads", "threads", {"type": int, "help": "torch CPU threads (0: torch's default)"}),
+    ("--micro-batch", "micro_batch", {"type": int, "help": "sequences per forward/backward; a step accumulates "
+                                                           "batch-size / micro-batch of them"}),
+    ("--slowdown", "slowdown", {"type": float, "help": "emulate slower hardware: each step takes this many times "
+                                                       "its compute time (tests and bench wan)"}),
 ]
 
 
 def add_peer_parser(sub) -> None:
     peer = sub.add_parser("peer", help="join (or start) a swarm and train")
     config.add_options(peer)
+    peer.add_argument("--profile", metavar="NAME|FILE",
+                      help=f"hardware profile from peers/ ({', '.join(profile_names())}) or a TOML file; "
+                           f"options given here override it")
     for flag, field, kwargs in SWARM_OPTIONS:
         peer.add_argument(flag, dest=f"swarm_{field}", default=None, **kwargs)
-    peer.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    for flag, field, kwargs in HARDWARE_OPTIONS:
+        peer.add_argument(flag, dest=f"hw_{field}", default=None, **kwargs)
+    peer.set_defaults(threads=0)  # the peer sets its threads from its hardware config
     status = sub.add_parser("status", help="the live peers of a run and their progress, from the DHT")
     status.add_argument("--initial-peers", nargs="+", metavar="MADDR", required=True)
     status.add_argument("--run-id", default="p2pdiloco")
@@ -73,23 +91,28 @@ def run_local_swarm_command(args, peer_args: list[str]) -> int:
 
 
 def peer_configs(args: argparse.Namespace):
-    mapping = config.read_file(args.config) if args.config else {}
-    swarm_map = mapping.pop("swarm", {})
-    if not isinstance(swarm_map, dict):
-        raise ValueError("config: 'swarm' must be a table of fields")
-    for _, field, _ in SWARM_OPTIONS:
-        value = getattr(args, f"swarm_{field}")
-        if value is not None:
-            swarm_map[field] = tuple(value) if isinstance(value, list) else value
+    """(SimConfig, SwarmConfig, HardwareConfig): the profile, then the --config file, then options."""
+    mapping = load_profile(args.profile) if args.profile else {}
+    if args.config:
+        mapping = config.merge(mapping, config.read_file(args.config))
+    tables = {}
+    for table, options, prefix in (("swarm", SWARM_OPTIONS, "swarm_"), ("hardware", HARDWARE_OPTIONS, "hw_")):
+        tables[table] = mapping.pop(table, {})
+        if not isinstance(tables[table], dict):
+            raise ValueError(f"config: '{table}' must be a table of fields")
+        for _, field, _ in options:
+            value = getattr(args, f"{prefix}{field}")
+            if value is not None:
+                tables[table][field] = tuple(value) if isinstance(value, list) else value
     args.config = None
     sim = config.sim_config(args, defaults=mapping)
-    return sim, build(SwarmConfig, swarm_map, "swarm.").validate(sim.workers)
+    return (sim, build(SwarmConfig, tables["swarm"], "swarm.").validate(sim.workers),
+            build(HardwareConfig, tables["hardware"], "hardware.").validate(sim.batch_size))
 
 
 def run_peer_command(args) -> int:
     from .peer import run_peer
-    sim, swarm = peer_configs(args)
-    return run_peer(sim, swarm)
+    return run_peer(*peer_configs(args))
 
 
 def run_status_command(args) -> int:

@@ -34,6 +34,7 @@ class SwarmConfig:
     shard: int = -1  # data shard index in [0, workers); -1: a peer-specific random order over all data
     checkpoint_dir: str = "checkpoints"
     summary_json: str = ""  # where to write the peer's summary at the end ("" : none)
+    eval_every_s: float = 0.0  # evaluate the global model this often (wall-clock seconds) for the summary's curve; 0: start and end only
 
     @property
     def max_message_bytes(self) -> int:
@@ -64,6 +65,8 @@ class SwarmConfig:
         if self.record_ttl_s < 2 * self.heartbeat_s:
             raise ValueError(f"swarm.record_ttl_s ({self.record_ttl_s}) must be at least twice heartbeat_s "
                              f"({self.heartbeat_s}), or live peers flicker out of the swarm")
+        if self.eval_every_s < 0:
+            raise ValueError(f"swarm.eval_every_s must be ≥ 0 (0: evaluate at the start and end only), got {self.eval_every_s}")
         if self.group_size < 2 or self.wait_for_peers < 1 or self.max_message_mb < 1:
             raise ValueError("swarm.group_size must be ≥ 2, swarm.wait_for_peers ≥ 1 and swarm.max_message_mb ≥ 1")
         if not -1 <= self.shard < workers:

@@ -40,7 +40,7 @@ class Network:
         self.server: grpc.aio.Server | None = None
         self.p2p = None
         self.group_sizes: dict[int, int] = {}  # averages completed, by group size
-        self.status = {"state": "joining", "step": 0, "tokens": 0, "tokens_per_s": 0.0, "rounds": {}}
+        self.status = {"state": "joining", "step": 0, "tokens": 0, "tokens_per_s": 0.0, "rounds": {}, "ends_at": 0.0}
         try:
             self.control = ControlPlane(ControlConfig(cfg.run_id, cfg.initial_peers, cfg.host, cfg.dht_port,
                                                       cfg.identity_path or None))
@@ -82,7 +82,8 @@ class Network:
         s = self.status
         return PeerRecord(self.peer_id, self.address, self.maddrs(), PROTOCOL_VERSION, self.config_hash,
                           self.config_text, s["state"], int(s["step"]), int(s["tokens"]),
-                          float(s["tokens_per_s"]), {str(k): int(v) for k, v in s["rounds"].items()})
+                          float(s["tokens_per_s"]), {str(k): int(v) for k, v in s["rounds"].items()},
+                          float(s["ends_at"]))
 
     def publish(self) -> None:
         if not self.control.publish(self.record(), self.cfg.record_ttl_s):

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from ..data import Corpus, ShardSampler
-from ..fragments import due_fragments, next_round
+from ..hardware import HardwareConfig, resolve_device
 from ..inner import InnerOptimizer
 from ..model import Transformer, model_config
 from ..simulate import SimConfig, _check_vocab, evaluate, write_json
+from ..schedule import ClockSchedule
 from ..streaming import Worker
 from . import joindir
 from .config import SwarmConfig
@@ -39,17 +40,21 @@ class ConfigMismatch(ValueError):
 
 
 class Peer:
-    def __init__(self, cfg: SimConfig, swarm: SwarmConfig, out=print):
+    def __init__(self, cfg: SimConfig, swarm: SwarmConfig, hardware: HardwareConfig = HardwareConfig(), out=print):
         if swarm.join_dir and not swarm.initial_peers:  # join through the live peers listed there
             swarm = replace(swarm, initial_peers=joindir.read(swarm.join_dir))
             out(f"[peer] --join-dir {swarm.join_dir}: " + (f"joining through {len(swarm.initial_peers)} address(es)"
                                                            if swarm.initial_peers else "no peers listed; starting a new swarm"))
         self.cfg, self.swarm, self.out = cfg.validate(), swarm.validate(cfg.workers), out
+        self.hw = hardware.validate(cfg.batch_size)
+        if self.hw.threads:
+            torch.set_num_threads(self.hw.threads)
+        self.device = resolve_device(self.hw.device)
         self.corpus = Corpus.load(cfg.data)
         mcfg = model_config(cfg.model)
         _check_vocab(self.corpus, mcfg.vocab_size)
-        torch.manual_seed(cfg.seed)  # every peer of a run starts from the same model
-        model = Transformer(mcfg)
+        torch.manual_seed(cfg.seed)  # every peer of a run starts from the same model, built on the CPU
+        model = Transformer(mcfg).to(self.device)
         self.eval_model = copy.deepcopy(model)
         self.val = self.corpus.val_batches(cfg.batch_size, cfg.eval_batches)
         self.stopping = threading.Event()
@@ -87,10 +92,10 @@ class Peer:
                 t0 = time.perf_counter()
                 blob = self.net.download(donors)
                 restore(self.worker, blob)
-                w, H = self.worker, self.cfg.streaming.H
+                self._start_clock(donors)
+                w = self.worker
                 # A fragment whose average was in flight at the donor is a round behind in the copy.
-                w.missed = {f for f, off in enumerate(w.offsets)
-                            if w.applied_rounds.get(f, -1) < next_round(w.step, off, H) - 1}
+                w.missed = {f for f in range(len(w.offsets)) if w.applied_rounds.get(f, -1) < w.schedule.next_round(f, w.step) - 1}
                 self.out(f"[peer] downloaded the run's state ({len(blob):,} bytes, verified) in "
                          f"{time.perf_counter() - t0:.1f}s; joining at step {self.worker.step}")
                 break
@@ -105,9 +110,24 @@ class Peer:
         while not self.stopping.is_set():
             ready = [r for r in self._same_config_peers() if r.state == "training"]
             if len(ready) + 1 >= self.swarm.wait_for_peers:
+                if self._start_clock(ready):
+                    self.net.publish()
                 return
             self._check_deadline(deadline, len(ready) + 1, "were ready")
             self.stopping.wait(0.1)
+
+    def _start_clock(self, records) -> bool:
+        """Time-budget rounds: adopt the run's end time from any peer that has one, or start the
+        run's clock here (the first peers, leaving the start barrier together, differ by a poll)."""
+        s, w = self.cfg.streaming, self.worker
+        if not s.round_s or isinstance(w.schedule, ClockSchedule):
+            return False
+        ends = max((r.ends_at for r in records if r.ends_at > 0), default=0.0) or time.time() + s.duration_s
+        w.schedule = ClockSchedule(w.offsets, s.H, w.inner.total_steps, ends - s.duration_s, s.round_s, s.duration_s)
+        self.net.status["ends_at"] = ends
+        self.out(f"[peer] time-budget rounds: every fragment syncs each {s.round_s:g}s; the run ends in "
+                 f"{ends - time.time():.0f}s", flush=True)
+        return True
 
     def _same_config_peers(self):
         peers = [r for r in self.net.peers() if r.peer_id != self.net.peer_id]
@@ -174,18 +194,24 @@ class Peer:
             self.close()
 
     def train(self) -> dict:
-        w, cfg, status = self.worker, self.cfg, self.net.status
+        w, cfg, status, hw = self.worker, self.cfg, self.net.status, self.hw
+        self._start_clock([])  # a peer that trains alone (wait-for-peers 1, nobody there) starts the clock
         before = evaluate(w.load_global_into(self.eval_model), self.val)
-        self.out(f"[peer] training from step {w.step} to {cfg.steps}; eval loss of the global model {before:.4f}",
+        accumulate = f" = {hw.accumulation(cfg.batch_size)} x {hw.micro_batch}" if hw.micro_batch else ""
+        self.out(f"[peer] training on {self.device} ({torch.get_num_threads()} threads), batch {cfg.batch_size}"
+                 f"{accumulate}, from {w.schedule.progress(w.step)}; eval loss of the global model {before:.4f}",
                  flush=True)
         start, last_report, tokens0, step0, compute_s = time.perf_counter(), 0.0, w.tokens, w.step, 0.0
+        curve, eval_s, next_eval = [(0.0, w.tokens, before)], 0.0, self.swarm.eval_every_s or float("inf")
         first_average = bool(w.applied_rounds)  # a newcomer's download already holds averages
-        while w.step < cfg.steps and not self.stopping.is_set():
+        while not w.schedule.finished(w.step) and not self.stopping.is_set():
             t0, wait0 = time.perf_counter(), w.wait_s
-            loss = w.forward_backward(*self.sampler.next())
+            loss = w.forward_backward(*self.sampler.next(), micro_batch=hw.micro_batch)
             w.optimizer_step()  # data-parallel: waits here for the averaged gradient
+            if hw.slowdown > 1:  # emulated slower hardware: the step's compute, stretched
+                time.sleep((hw.slowdown - 1) * (time.perf_counter() - t0 - (w.wait_s - wait0)))
             w.send_due()  # the due fragments' Δ go to the network thread; training goes on
-            if w.step == cfg.steps:  # no lost work: a last sync of every fragment, and wait for it
+            if w.schedule.finished(w.step):  # no lost work: a last sync of every fragment, and wait for it
                 w.send_final()
                 w.flush()
                 if w.missed:  # a final round failed here: take the swarm's copy if anyone has it
@@ -193,7 +219,7 @@ class Peer:
             else:
                 w.apply_due()  # means sent τ steps ago: waits only if one is late
             if w.missed and not w.in_flight:  # a round others applied without us: take their global copy
-                urgent = bool(w.missed & set(due_fragments(w.step + 1, w.offsets, cfg.streaming.H)))
+                urgent = bool(w.missed & w.schedule.due_next(w.step))
                 if urgent or time.monotonic() >= self._next_catch_up:
                     self._catch_up(urgent)
             if w.applied_rounds and not first_average:  # the swarm works: say so once
@@ -202,20 +228,29 @@ class Peer:
                          f"(groups so far: {dict(self.net.group_sizes)})", flush=True)
             compute_s += time.perf_counter() - t0 - (w.wait_s - wait0)
             elapsed = time.perf_counter() - start
+            if elapsed >= next_eval:  # the loss-against-wall-clock curve (bench wan); not counted as compute
+                t1 = time.perf_counter()
+                curve.append((elapsed, w.tokens, evaluate(w.load_global_into(self.eval_model), self.val)))
+                eval_s += time.perf_counter() - t1
+                next_eval = elapsed + self.swarm.eval_every_s
             status.update(step=w.step, tokens=w.tokens, tokens_per_s=(w.tokens - tokens0) / max(elapsed, 1e-9),
                           rounds=dict(w.applied_rounds))
-            if elapsed - last_report > 10 or w.step == cfg.steps:
+            if elapsed - last_report > 10 or w.schedule.finished(w.step):
                 last_report = elapsed
-                self.out(f"[peer] step {w.step}/{cfg.steps}  loss {loss:.3f}  {status['tokens_per_s']:,.0f} tok/s  "
+                self.out(f"[peer] {w.schedule.progress(w.step)}  loss {loss:.3f}  {status['tokens_per_s']:,.0f} tok/s  "
                          f"sent {w.bytes_sent:,} B  skipped rounds {w.skipped_rounds}", flush=True)
         wall = time.perf_counter() - start
         after = evaluate(w.load_global_into(self.eval_model), self.val)
+        curve.append((wall, w.tokens, after))
         return {"peer_id": self.net.peer_id, "eval_loss_initial": before, "eval_loss": after,
-                "steps": w.step, "completed": w.step >= cfg.steps, "tokens": w.tokens,
+                "steps": w.step, "completed": w.schedule.finished(w.step), "tokens": w.tokens,
                 "bytes_sent": w.bytes_sent, "peak_sync_bytes": w.peak_sync_bytes,
                 "data_parallel_bytes": self._data_parallel_bytes(w.step - step0),
                 "skipped_rounds": w.skipped_rounds, "group_sizes": dict(self.net.group_sizes), "wall_s": wall,
-                "compute_fraction": compute_s / max(wall, 1e-9), "wait_s": w.wait_s}
+                "compute_fraction": compute_s / max(wall - eval_s, 1e-9), "wait_s": w.wait_s, "eval_s": eval_s,
+                "device": str(self.device), "batch_size": cfg.batch_size, "micro_batch": hw.micro_batch,
+                "slowdown": hw.slowdown,
+                "eval_curve": [{"wall_s": t, "tokens": n, "eval_loss": v} for t, n, v in curve]}
 
     def _data_parallel_bytes(self, steps: int) -> int:
         """What a bf16 ring all-reduce of the gradients, among as many peers as this one averaged
@@ -258,11 +293,11 @@ class Peer:
         self.net.close()
 
 
-def run_peer(cfg: SimConfig, swarm: SwarmConfig) -> int:
+def run_peer(cfg: SimConfig, swarm: SwarmConfig, hardware: HardwareConfig = HardwareConfig()) -> int:
     def out(msg, flush=True):
         print(msg, flush=flush)
 
-    peer = Peer(cfg, swarm, out)
+    peer = Peer(cfg, swarm, hardware, out)
     summary = peer.run()
     if swarm.summary_json:
         write_json(swarm.summary_json, summary)

@@ -30,7 +30,8 @@ def config_hash(cfg) -> str:
     s = cfg.streaming
     shared = {"protocol": PROTOCOL_VERSION, "model": cfg.model, "mode": s.mode, "H": s.H,
               "fragments": s.fragments, "strategy": s.strategy, "codec": s.codec,
-              "outer": asdict(cfg.outer), "steps": cfg.steps, "seq_len": cfg.data.seq_len}
+              "outer": asdict(cfg.outer), "steps": cfg.steps, "seq_len": cfg.data.seq_len,
+              "round_s": s.round_s, "duration_s": s.duration_s}
     return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -38,7 +39,8 @@ def describe_config(cfg) -> str:
     s = cfg.streaming
     return (f"model={cfg.model} mode={s.mode} H={s.H} fragments={s.fragments} strategy={s.strategy} "
             f"codec={s.codec} outer.lr={cfg.outer.lr} outer.momentum={cfg.outer.momentum} "
-            f"steps={cfg.steps} seq_len={cfg.data.seq_len}")
+            f"steps={cfg.steps} seq_len={cfg.data.seq_len}"
+            + (f" round_s={s.round_s} duration_s={s.duration_s}" if s.round_s else ""))
 
 
 def peers_key(run_id: str) -> str:
@@ -58,6 +60,7 @@ class PeerRecord:
     tokens: int = 0
     tokens_per_s: float = 0.0
     rounds: dict[str, int] = field(default_factory=dict)  # fragment index -> last round applied
+    ends_at: float = 0.0  # time-budget runs: the Unix time the run ends (every peer adopts the first one's)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,8 +92,10 @@ class PeerRecord:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise RecordError(f"peer record field '{name}' must be a non-negative integer")
-        if not isinstance(self.tokens_per_s, (int, float)) or not math.isfinite(self.tokens_per_s):
-            raise RecordError("peer record field 'tokens_per_s' must be a finite number")
+        for name in ("tokens_per_s", "ends_at"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise RecordError(f"peer record field '{name}' must be a finite number")
         if not isinstance(self.rounds, dict) or not all(
                 isinstance(k, str) and isinstance(v, int) for k, v in self.rounds.items()):
             raise RecordError("peer record field 'rounds' must map fragment names to round numbers")

@@ -50,7 +50,7 @@ def snapshot(worker: Worker, fragments: set[int] | None = None) -> bytes:
 
 def _load(worker: Worker, blob: bytes) -> dict:
     try:
-        state = torch.load(io.BytesIO(blob), weights_only=True)
+        state = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
     except Exception as exc:
         raise StateError(f"state blob does not load: {exc}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
