@@ -14,7 +14,8 @@ import torch
 from . import config
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command's options; tests parse the docker image's command lines with it."""
     parser = argparse.ArgumentParser(prog="p2pdiloco", description="Peer-to-peer Streaming DiLoCo trainer.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -41,10 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     allreduce.set_defaults(threads=0)  # every peer process uses one thread
 
     from .swarm.cli import add_local_swarm_parser, add_peer_parser
-    from .swarm.control import SwarmStartError
     add_peer_parser(sub)
     add_local_swarm_parser(sub)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    from .swarm.control import SwarmStartError
+
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "local-swarm":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

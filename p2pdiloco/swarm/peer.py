@@ -187,7 +187,10 @@ class Peer:
             self.out(f"[peer] {self.net.peer_id} serving on {self.net.address}", flush=True)
             self.out(f"[peer] join with: {line}", flush=True)
             if self.swarm.join_dir:
-                joindir.publish(self.swarm.join_dir, self.net.peer_id, self.net.maddrs())
+                # With --announce-host, only that address: a loopback one would lead another
+                # container to its own daemon.
+                maddrs = self.net.maddrs()
+                joindir.publish(self.swarm.join_dir, self.net.peer_id, maddrs[:1] if self.swarm.announce_host else maddrs)
             self.join()
             return self.train()  # a stop during join() trains zero steps and leaves
         finally:
@@ -198,9 +201,8 @@ class Peer:
         self._start_clock([])  # a peer that trains alone (wait-for-peers 1, nobody there) starts the clock
         before = evaluate(w.load_global_into(self.eval_model), self.val)
         accumulate = f" = {hw.accumulation(cfg.batch_size)} x {hw.micro_batch}" if hw.micro_batch else ""
-        self.out(f"[peer] training on {self.device} ({torch.get_num_threads()} threads), batch {cfg.batch_size}"
-                 f"{accumulate}, from {w.schedule.progress(w.step)}; eval loss of the global model {before:.4f}",
-                 flush=True)
+        self.out(f"[peer] training from {w.schedule.progress(w.step)} on {self.device} ({torch.get_num_threads()} "
+                 f"threads), batch {cfg.batch_size}{accumulate}; eval loss of the global model {before:.4f}", flush=True)
         start, last_report, tokens0, step0, compute_s = time.perf_counter(), 0.0, w.tokens, w.step, 0.0
         curve, eval_s, next_eval = [(0.0, w.tokens, before)], 0.0, self.swarm.eval_every_s or float("inf")
         first_average = bool(w.applied_rounds)  # a newcomer's download already holds averages
