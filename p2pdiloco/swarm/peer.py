@@ -95,7 +95,8 @@ class Peer:
                 self._start_clock(donors)
                 w = self.worker
                 # A fragment whose average was in flight at the donor is a round behind in the copy.
-                w.missed = {f for f in range(len(w.offsets)) if w.applied_rounds.get(f, -1) < w.schedule.next_round(f, w.step) - 1}
+                w.missed = {f for f in range(len(w.offsets))
+                            if w.applied_rounds.get(f, -1) < w.schedule.next_round(f, w.step) - 1}
                 self.out(f"[peer] downloaded the run's state ({len(blob):,} bytes, verified) in "
                          f"{time.perf_counter() - t0:.1f}s; joining at step {self.worker.step}")
                 break
