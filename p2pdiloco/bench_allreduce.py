@@ -61,8 +61,7 @@ def _p2pdiloco(codec_name, rank, peers, x, rendezvous, timeout):
 
     from .averaging import SyncKey
     from .codecs import get_codec
-    from .swarm.dataplane import Channels, Identity, RoundBook, Servicer, allreduce, channel_options
-    from .swarm.gen import p2pdiloco_pb2_grpc as pb_grpc
+    from .swarm.dataplane import Channels, Identity, RoundBook, Servicer, allreduce, channel_options, serve
     from .swarm.loop import BackgroundLoop
     from .swarm.matchmaking import make_group
 
@@ -74,10 +73,10 @@ def _p2pdiloco(codec_name, rank, peers, x, rendezvous, timeout):
     async def no_state():
         raise RuntimeError("a benchmark peer has no state")
 
-    async def serve():
+    async def start():
         state["channels"] = Channels(max_bytes)  # channels belong to the loop: make them on it
         state["server"] = server = grpc.aio.server(options=channel_options(max_bytes))
-        pb_grpc.add_AveragingServicer_to_server(Servicer(book, no_state), server)
+        serve(Servicer(book, no_state), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         return port
@@ -88,7 +87,7 @@ def _p2pdiloco(codec_name, rank, peers, x, rendezvous, timeout):
             await state["channels"].close()
 
     try:
-        port = loop.call(serve(), timeout=30)
+        port = loop.call(start(), timeout=30)
         declared = dict(rendezvous((identity.peer_id, f"127.0.0.1:{port}")))
 
         def average(r):

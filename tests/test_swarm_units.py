@@ -95,3 +95,95 @@ def test_generated_proto_code_is_in_step_with_the_proto(tmp_path):
     for name in ("p2pdiloco_pb2.py", "p2pdiloco_pb2_grpc.py", "p2pdiloco_pb2.pyi"):
         assert filecmp.cmp(committed / name, tmp_path / name, shallow=False), (
             f"{name} is out of step with proto/p2pdiloco.proto: run scripts/gen_proto")
+
+
+# ---- the data plane's Reduce wire format (dataplane.py): protobuf's messages, payload copied once
+def _request(payload: bytes = b""):
+    from p2pdiloco.swarm.gen import p2pdiloco_pb2 as pb
+
+    return pb.ReduceRequest(caller=pb.Caller(run_id="r", protocol=3, config_hash="h", peer_id="p"), kind="fragment",
+                            index=2, round=10**12, group_id=b"\x00g", weight=123.5, payload=payload)
+
+
+@pytest.mark.parametrize("codec", ["fp32", "bf16", "int8", "e3m0"])
+@pytest.mark.parametrize("numel", [0, 1, 1000, 4099])
+def test_reduce_messages_are_protobufs_and_payloads_round_trip(codec, numel):
+    import torch
+
+    from p2pdiloco.codecs import get_codec
+    from p2pdiloco.swarm import dataplane as dp
+    from p2pdiloco.swarm.gen import p2pdiloco_pb2 as pb
+
+    enc = get_codec(codec).encode(torch.randn(numel))
+    pieces = dp.payload_pieces(enc)
+    assert b"".join(pieces) == enc.to_bytes()
+    # A request is byte for byte what protobuf writes (payload is its last field) ...
+    wire = dp.with_payload(_request().SerializeToString(), dp.REQUEST_PAYLOAD, pieces)
+    assert wire == _request(enc.to_bytes()).SerializeToString()
+    head, payload = dp.split_payload(wire, dp.REQUEST_PAYLOAD, pb.ReduceRequest)
+    assert head == _request() and bytes(payload) == enc.to_bytes()
+    # ... and a reply is a message protobuf reads as the same (its payload comes last here).
+    reply = pb.ReduceReply(participants=["a", "b"], total_weight=7.0)
+    wire = dp.with_payload(reply.SerializeToString(), dp.REPLY_PAYLOAD, pieces)
+    assert pb.ReduceReply.FromString(wire) == pb.ReduceReply(payload=enc.to_bytes(), participants=["a", "b"],
+                                                             total_weight=7.0)
+    head, payload = dp.split_payload(pb.ReduceReply.FromString(wire).SerializeToString(), dp.REPLY_PAYLOAD,
+                                     pb.ReduceReply)
+    assert head == reply and bytes(payload) == enc.to_bytes()
+    ours = dp.parse_payload(payload)
+    assert ours.codec is enc.codec and ours.numel == numel and torch.equal(ours.decode(), enc.decode())
+
+
+def test_split_payload_agrees_with_protobuf_on_repeats_and_unknown_fields():
+    from p2pdiloco.swarm import dataplane as dp
+    from p2pdiloco.swarm.gen import p2pdiloco_pb2 as pb
+
+    # The payload field twice (the last one wins) and an unknown field 99 (kept), as protobuf parses them.
+    wire = (_request(b"first").SerializeToString() + b"\x3a\x06second" + bytes([0x98, 0x06, 0x05]) +
+            b"\x18\x01")  # index = 1 after the fact: the last scalar wins too
+    head, payload = dp.split_payload(wire, dp.REQUEST_PAYLOAD, pb.ReduceRequest)
+    theirs = pb.ReduceRequest.FromString(wire)
+    assert bytes(payload) == theirs.payload == b"second" and head.index == theirs.index == 1
+    theirs.payload = b""
+    assert head == theirs and head.SerializeToString() == theirs.SerializeToString()
+
+
+@pytest.mark.parametrize("wire", [b"\x3a\x05abc", b"\x3a", b"\x0a\xff", b"\x09\x00\x00", b"\x0b", b"\xff" * 11])
+def test_split_payload_refuses_malformed_messages(wire):
+    from google.protobuf.message import DecodeError
+
+    from p2pdiloco.swarm import dataplane as dp
+    from p2pdiloco.swarm.gen import p2pdiloco_pb2 as pb
+
+    with pytest.raises(DecodeError):
+        dp.split_payload(wire, dp.REQUEST_PAYLOAD, pb.ReduceRequest)
+
+
+def test_parse_payload_checks_like_codecs_from_bytes():
+    import torch
+
+    from p2pdiloco.codecs import CodecError, from_bytes, get_codec
+    from p2pdiloco.swarm import dataplane as dp
+
+    good = get_codec("e3m0").encode(torch.randn(3000)).to_bytes()
+    bad = [b"", b"\x01\x00", b"\x07garbage", b"\x05\x03" + good[2:], good[:-1], good + b"\x00",
+           get_codec("fp32").encode(torch.randn(8)).to_bytes()[:-4]]
+    for payload in bad:
+        with pytest.raises(CodecError) as theirs:
+            from_bytes(payload)
+        with pytest.raises(CodecError) as ours:
+            dp.parse_payload(memoryview(payload))
+        assert str(ours.value) == str(theirs.value)
+
+
+def test_all_finite_sees_nan_and_inf():
+    import torch
+
+    from p2pdiloco.swarm.dataplane import all_finite
+
+    x = torch.randn(10000)
+    assert all_finite(x) and all_finite(torch.empty(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1234] = bad
+        assert not all_finite(y)

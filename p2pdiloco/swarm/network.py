@@ -22,8 +22,7 @@ from ..codecs import Encoded
 from .config import SwarmConfig
 from . import libp2p
 from .control import ControlConfig, ControlPlane, SwarmStartError
-from .dataplane import Channels, Identity, RoundBook, Servicer, allreduce, channel_options
-from .gen import p2pdiloco_pb2_grpc as pb_grpc
+from .dataplane import Channels, Identity, RoundBook, Servicer, allreduce, channel_options, serve
 from .loop import BackgroundLoop
 from .matchmaking import Member, form_group
 from .records import PROTOCOL_VERSION, PeerRecord
@@ -60,7 +59,7 @@ class Network:
         # No SO_REUSEPORT: a port already in use must be an error, not a silently shared port.
         self.server = grpc.aio.server(options=channel_options(self.cfg.max_message_bytes) + [("grpc.so_reuseport", 0)])
         servicer = Servicer(self.book, state_provider)
-        pb_grpc.add_AveragingServicer_to_server(servicer, self.server)
+        serve(servicer, self.server)
         try:
             port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
             if port == 0:
