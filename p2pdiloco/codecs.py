@@ -65,6 +65,13 @@ class Codec:
     def decode(self, enc: Encoded) -> torch.Tensor:
         raise NotImplementedError
 
+    def decode_into(self, enc: Encoded, out: torch.Tensor) -> torch.Tensor:
+        """decode(enc) written into out (fp32, enc.numel values)."""
+        return out.copy_(self.decode(enc))
+
+    # True where no payload of the right length decodes to NaN or ±inf, so there is nothing to check.
+    decodes_finite = False
+
     @property
     def align(self) -> int:
         """Span boundaries must be multiples of this so that slices need no re-encoding."""
@@ -148,6 +155,7 @@ class E3M0Codec(Codec):
     """
 
     bits, scale_bytes, scale_dtype = 4, 1, torch.uint8
+    decodes_finite = True  # |value| ≤ 2^S ≤ 2^127 whatever the bytes (S is clamped)
     BIAS = 127
     CHUNK = 1 << 16  # values per pass: a few int32 temporaries of this size fit in L2
 
@@ -184,6 +192,10 @@ class E3M0Codec(Codec):
         slow_rows = slow.nonzero().view(-1).tolist()
 
         packed = torch.empty(-(-n // 2), dtype=torch.uint8, device=x.device)
+        if block % 2 == 0:
+            self._pack_by_table(x, tail, whole, offset, slow_rows, shared, packed)
+            scales = (shared[: -(-n // block)] + self.BIAS).to(torch.uint8)
+            return Encoded(self, n, scales.cpu(), packed.cpu())
         buffers = [torch.empty(step, dtype=torch.int32, device=x.device) for _ in range(3)]
         for lo in range(0, n, step):
             src = x[lo: lo + step] if lo < whole else tail
@@ -220,6 +232,49 @@ class E3M0Codec(Codec):
         scales = (shared[: -(-n // block)] + self.BIAS).to(torch.uint8)
         return Encoded(self, n, scales.cpu(), packed.cpu())
 
+    def _pack_by_table(self, x, tail, whole, offset, slow_rows, shared, packed) -> None:
+        """The codes of an even block size, packed two per byte, with one table look-up per byte.
+
+        With u = bits >> 22 (an arithmetic shift: u in [−512, −1] for x < 0) and w = u − offset, the
+        bit arithmetic's v (above) is w for x ≥ 0 and w + 512 for x < 0, and in blocks that take it
+        (offset in [1, 493]) x ≥ 0 gives w ≥ −493 and x < 0 gives w ≤ −497: `_CODE_OF_W` is the code as
+        a function of w alone, and `_PAIR_CODES` that of two neighbours, lo + 16·hi. −0.0 must code as
+        +0.0, and as u it would look like a tiny negative number: x + 0.0 turns −0.0 into +0.0 and
+        leaves every other value's bits as they are. All-zero and slow blocks get an offset (493) that
+        keeps the look-up in the table; slow blocks' codes are then overwritten as before.
+        """
+        n, block, step, half = x.numel(), self.block, self._step(), self.block // 2
+        k, base = _W_SPAN, _W_BASE
+        o = torch.where((offset >= 1) & (offset <= 493), offset, 493)
+        # p = (u_lo − o + base) + k·(u_hi − o + base) = u_lo + k·u_hi − (k + 1)·(o − base)
+        poff = (o - base) * (k + 1)
+        f = torch.empty(step, dtype=torch.float32, device=x.device)
+        p = torch.empty(step // 2, dtype=torch.int32, device=x.device)
+        spare = torch.empty(step // 2, dtype=torch.uint8, device=x.device)
+        table = _pair_codes(x.device)
+        for lo in range(0, n, step):
+            src = x[lo: lo + step] if lo < whole else tail
+            m, b0 = src.numel(), lo // block
+            u = f[:m]
+            torch.add(src, 0.0, out=u)
+            u = u.view(torch.int32).bitwise_right_shift_(22)
+            pairs = p[: m // 2]
+            torch.add(u[0::2], u[1::2], alpha=k, out=pairs)
+            pairs.view(-1, half).sub_(poff[b0: b0 + m // block, None])
+            nbytes = min(m, n - lo + 1) // 2
+            direct = nbytes == m // 2  # a whole chunk: straight into the output
+            dst = packed[lo // 2: lo // 2 + m // 2] if direct else spare[: m // 2]
+            torch.index_select(table, 0, pairs, out=dst)
+            lo_row = bisect.bisect_left(slow_rows, b0)
+            hi_row = bisect.bisect_left(slow_rows, b0 + m // block)
+            if lo_row < hi_row:
+                rows = torch.tensor(slow_rows[lo_row:hi_row], device=x.device)
+                code, shared[rows] = self._encode_exact(src.view(-1, block)[rows - b0])
+                code = code.view(-1, half, 2)
+                dst.view(-1, half)[rows - b0] = code[:, :, 0] | code[:, :, 1] << 4
+            if not direct:
+                packed[lo // 2: lo // 2 + nbytes] = dst[:nbytes]
+
     def _encode_exact(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The float formulation of the codes (uint8, sign in bit 3) and S, for blocks of shape (m, block)."""
         amax = blocks.abs().amax(dim=1)
@@ -235,11 +290,18 @@ class E3M0Codec(Codec):
         code = code.to(torch.uint8) | (blocks < 0).to(torch.uint8) << 3
         return code, shared
 
-    def decode(self, enc: Encoded) -> torch.Tensor:
+    def decode(self, enc: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
         n, block, step = enc.numel, self.block, self._step()
+        out = torch.empty(n) if out is None else out
+        if block % 2 == 0:
+            # Each byte and its block's scale byte look up both of its decoded values at once.
+            table, index = _scaled_pairs(), self._pair_index(enc)
+            for lo in range(0, n, step):
+                hi = min(lo + step, n)
+                _gather(table, index(lo, hi), out[lo:hi])
+            return out
         shared = (enc.scales.to(torch.int32) - self.BIAS).clamp(max=self.BIAS)
         scale = torch.ldexp(torch.ones(shared.numel()), shared)  # exact: 2^-127 is a subnormal, not 0
-        out = torch.empty(n)
         for lo in range(0, n, step):
             hi = min(lo + step, n)
             m, s = hi - lo, scale[lo // block: -(-hi // block)]
@@ -253,12 +315,145 @@ class E3M0Codec(Codec):
                 torch.mul(vals[full:], s[-1], out=out[lo + full: hi])
         return out
 
+    def decode_into(self, enc: Encoded, out: torch.Tensor) -> torch.Tensor:
+        return self.decode(enc, out)
+
+    def _pair_index(self, enc: Encoded):
+        """For an even block: index(lo, hi) gives, for the bytes of values [lo, hi) (lo a multiple of
+        `_step()`), 256 · (scale byte) + byte, the row of `_scaled_pairs()` holding their two values.
+        The returned tensor is reused by the next call."""
+        block, half = self.block, self.block // 2
+        srow = enc.scales.to(torch.int32) << 8
+        buf = torch.empty(self._step() // 2, dtype=torch.int32)
+
+        def index(lo: int, hi: int) -> torch.Tensor:
+            nb, b0 = (hi - lo + 1) // 2, lo // block
+            idx = buf[:nb]
+            idx.copy_(enc.values[lo // 2: lo // 2 + nb])
+            full = nb // half * half
+            idx[:full].view(-1, half).add_(srow[b0: b0 + full // half, None])
+            if full < nb:
+                idx[full:].add_(srow[b0 + full // half])
+            return idx
+        return index
+
+    def weighted_sum(self, parts: list[tuple[Encoded, float]]) -> torch.Tensor | None:
+        """Σ alpha_i · decode(enc_i) in fp32, bit for bit what `acc = zeros(n); acc.add_(decode(enc_i),
+        alpha=alpha_i)` in order gives, without decoding the parts: each byte looks up its two values
+        already times alpha_i in a table, chunk by chunk, so the accumulator's chunk stays in cache.
+        None where that equality is not guaranteed (an odd block, other codecs, alpha outside [0, 1],
+        or a part whose values times alpha could be subnormal); the caller then decodes.
+
+        Why it is exact: decoded values are ±2^k (or ±0) with k ≤ 127, so alpha · x is exact unless it
+        underflows (checked per block), and then acc + alpha·x is one rounding whether add_ fuses
+        the multiply (its vectorized path) or not. The table holds 0 + alpha·x as add_ computes it
+        (+0.0 for −0.0), which is acc's first value; acc never holds −0.0, so +0.0 and −0.0 add alike.
+        Parts with alpha 0 (in fp32) add +0.0 or −0.0 and are skipped."""
+        if self.block % 2 or not parts:
+            return None
+        n = parts[0][0].numel
+        if any(enc.codec is not self or enc.numel != n for enc, _ in parts):
+            return None
+        live = []
+        for enc, alpha in parts:
+            a32 = float(torch.tensor(alpha, dtype=torch.float32))  # add_ casts alpha to fp32 so
+            if not 0.0 <= a32 <= 1.0:
+                return None
+            if a32 == 0.0:
+                continue
+            if not self._no_underflow(enc, a32):
+                return None
+            table = torch.zeros(2 * _SCALED_PAIRS_ROWS).add_(_scaled_pairs().view(torch.float32), alpha=alpha)
+            live.append((self._pair_index(enc), table.view(torch.int64)))
+        acc = torch.zeros(n) if not live else torch.empty(n)
+        tmp = torch.empty(self._step())
+        for lo in range(0, n if live else 0, self._step()):
+            hi = min(lo + self._step(), n)
+            for i, (index, table) in enumerate(live):
+                if i == 0:
+                    _gather(table, index(lo, hi), acc[lo:hi])
+                else:
+                    _gather(table, index(lo, hi), tmp[: hi - lo])
+                    acc[lo:hi].add_(tmp[: hi - lo])
+        return acc
+
+    def _no_underflow(self, enc: Encoded, alpha: float) -> bool:
+        """No nonzero value of enc times alpha is below 2^-126: blocks whose smallest nonzero level
+        2^(S−6) would be are all-zero codes (0 or 8: ±0)."""
+        shared = (enc.scales.to(torch.int32) - self.BIAS).clamp(max=self.BIAS)
+        low = shared < _min_safe_exponent(alpha)
+        if not bool(low.any()):
+            return True
+        half, rows = self.block // 2, low.nonzero().view(-1)
+        values, whole = enc.values, enc.values.numel() // half
+        inner = rows[rows < whole]
+        if bool((values[: whole * half].view(-1, half)[inner] & 0x77).any()):
+            return False
+        return not (rows.numel() and int(rows[-1]) >= whole and bool((values[whole * half:] & 0x77).any()))
+
 
 # E3M0 code → value / 2^S: 0, 2^-6 … 2^0, then the same negated (code 8 is −0.0).
 _E3M0_LEVELS = [0.0] + [2.0 ** (e - 7) for e in range(1, 8)]
 _E3M0_VALUES = torch.tensor(_E3M0_LEVELS + [-v for v in _E3M0_LEVELS])
 # Packed byte → (low nibble's value, high nibble's value), stored as one int64 per byte.
 _E3M0_PAIRS = torch.stack([_E3M0_VALUES.repeat(16), _E3M0_VALUES.repeat_interleave(16)], 1).view(torch.int64).view(-1)
+
+
+# E3M0 decoding by table (even blocks): row 256 · (scale byte) + byte holds the byte's two values
+# times 2^S as one int64, the same products as the multiply in E3M0Codec.decode's odd-block path.
+_SCALED_PAIRS_ROWS = 256 * 256
+_SCALED_PAIRS: list = []
+
+
+def _scaled_pairs() -> torch.Tensor:
+    if not _SCALED_PAIRS:
+        shared = (torch.arange(256, dtype=torch.int32) - E3M0Codec.BIAS).clamp(max=E3M0Codec.BIAS)
+        scale = torch.ldexp(torch.ones(256), shared)
+        table = _E3M0_PAIRS.view(torch.float32).view(1, 512) * scale[:, None]
+        _SCALED_PAIRS.append(table.reshape(-1).view(torch.int64))
+    return _SCALED_PAIRS[0]
+
+
+def _min_safe_exponent(alpha: float) -> int:
+    """The least S for which alpha · 2^(S−6) ≥ 2^-126 (alpha > 0)."""
+    s = -200
+    while alpha * 2.0 ** (s - 6) < 2.0 ** -126:
+        s += 1
+    return s
+
+
+def _gather(table: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """out (fp32, len(out) ≤ 2·len(index)) ← the fp32 pairs table[index] (an int64 table)."""
+    m = out.numel()
+    if m == 2 * index.numel() and out.storage_offset() % 2 == 0 and out.is_contiguous():
+        torch.index_select(table, 0, index, out=out.view(torch.int64))
+    else:
+        out.copy_(table.index_select(0, index).view(torch.float32)[:m])
+
+
+# Encoding by table (E3M0Codec._pack_by_table): w = (bits >> 22) − offset lies in [−1005, 18], indexed
+# as w + _W_BASE; _CODE_OF_W is the code of w (see there), _PAIR_CODES[lo + _W_SPAN·hi] a packed byte.
+_W_BASE, _W_SPAN = 1008, 1040
+
+
+def _code_of_w() -> torch.Tensor:
+    w = torch.arange(_W_SPAN, dtype=torch.int32) - _W_BASE
+    negative = w <= -497
+    v = torch.where(negative, w + 512, w)
+    code = torch.maximum(v >> 1, v.clamp(0, 1))
+    return (code + 8 * negative.to(torch.int32)).to(torch.uint8)
+
+
+_PAIR_CODE_TABLES: dict = {}
+
+
+def _pair_codes(device) -> torch.Tensor:
+    table = _PAIR_CODE_TABLES.get(device)
+    if table is None:
+        c = _code_of_w()
+        table = (c[None, :] | c[:, None] << 4).reshape(-1).to(device)
+        _PAIR_CODE_TABLES[device] = table
+    return table
 
 
 def _absmax(x: torch.Tensor, block: int) -> torch.Tensor:

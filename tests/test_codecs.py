@@ -290,3 +290,59 @@ def test_e3m0_sign_and_rounding_codes():
     codes = torch.stack([enc.values & 0xF, enc.values >> 4], 1).reshape(-1).tolist()
     assert codes == [0, 8, 7, 8 | 7, 6, 1, 0, 1]
     assert _same_floats(enc.decode(), torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5, 2.0 ** -6, 0.0, 2.0 ** -6]))
+
+
+# --- E3M0's fused accumulation (the owner's weighted mean) against decode-then-accumulate ---------
+
+def _decode_then_accumulate(parts):
+    """weighted_mean as first written: decode each part, acc.add_(x, alpha=w / total) in order."""
+    total = sum(w for _, w in parts)
+    acc = torch.zeros(parts[0][0].numel)
+    for enc, w in parts:
+        acc.add_(enc.decode(), alpha=w / total)
+    return acc
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_edgy_tensors(max_size=200), min_size=1, max_size=5),
+       st.lists(st.one_of(st.integers(0, 10 ** 6).map(float), st.floats(0, 1e-30), st.just(0.0)),
+                min_size=5, max_size=5),
+       st.sampled_from([2, 8, 32]), st.sampled_from([8, 64, 1 << 16]))
+def test_e3m0_fused_weighted_mean_is_bit_identical(tensors, weights, block, chunk):
+    from p2pdiloco.averaging import weighted_mean
+    codec = _codec(block, chunk)
+    n = max(t.numel() for t in tensors)
+    parts = [(codec.encode(torch.cat([t, t.new_zeros(n - t.numel())])), w) for t, w in zip(tensors, weights)]
+    if sum(w for _, w in parts) <= 0:
+        parts[0] = (parts[0][0], 1.0)
+    assert _same_floats(weighted_mean(parts), _decode_then_accumulate(parts))
+
+
+def test_e3m0_fused_path_is_taken_and_exact_on_large_parts():
+    from p2pdiloco.averaging import weighted_mean
+    torch.manual_seed(1)
+    codec = get_codec("e3m0")
+    n = 3 * codec.CHUNK + 5 * codec.block + 333  # chunk boundaries, a partial last block, odd numel
+    xs = [torch.randn(n) * 10.0 ** k for k in (-3, 0, 2, -20)]
+    xs[0][: codec.block] = 0  # an all-zero block (scale 2^-127) does not force the slow path
+    xs[1][-5:] = -0.0
+    parts = [(codec.encode(x), w) for x, w in zip(xs, (3.0, 1.0, 7.0, 0.0))]
+    total = sum(w for _, w in parts)
+    assert codec.weighted_sum([(e, w / total) for e, w in parts]) is not None
+    assert _same_floats(weighted_mean(parts), _decode_then_accumulate(parts))
+    # Values whose weighted products are subnormal: the fused path declines, the result is the same.
+    tiny = [(codec.encode(torch.randn(n) * 1e-36), 1.0), (codec.encode(torch.randn(n)), 1e6)]
+    assert codec.weighted_sum([(e, w / 1000001.0) for e, w in tiny]) is None
+    assert _same_floats(weighted_mean(tiny), _decode_then_accumulate(tiny))
+
+
+@pytest.mark.parametrize("block", [1, 8, 1024])
+def test_e3m0_decode_into_a_slice(block):
+    codec = _codec(block, 64)
+    x = torch.randn(1001)
+    enc = codec.encode(x)
+    for lo in (0, 1, 2):  # odd offsets cannot take the int64 view: the copy path
+        out = torch.full((1001 + lo + 3,), 7.0)
+        codec.decode_into(enc, out[lo: lo + 1001])
+        assert _same_floats(out[lo: lo + 1001], enc.decode())
+        assert (out[:lo] == 7).all() and (out[lo + 1001:] == 7).all()

@@ -185,9 +185,12 @@ class _Round:
     group_id: bytes | None = None
     members: frozenset[str] = frozenset()
     numel: int = -1
-    # Parts are kept decoded (fp32): each is decoded once, when it is checked on arrival.
-    parts: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
-    early: dict[str, tuple[bytes, torch.Tensor, float]] = field(default_factory=dict)  # before the owner opened
+    # Parts are kept decoded (fp32), each decoded once when it is checked on arrival; those of a codec
+    # that cannot decode to non-finite values (E3M0) are kept encoded, and weighted_mean accumulates
+    # them without decoding each.
+    parts: dict[str, tuple[torch.Tensor | Encoded, float]] = field(default_factory=dict)
+    # Parts that came before the owner opened the round: (group id, part, weight).
+    early: dict[str, tuple[bytes, torch.Tensor | Encoded, float]] = field(default_factory=dict)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     reply: bytes | None = None  # the serialized ReduceReply, the same for every member
     aborted: bool = False  # the owner's own average failed: every member's must fail too
@@ -213,9 +216,9 @@ class RoundBook:
         async with rnd.changed:
             rnd.group_id, rnd.numel = group.group_id, part.numel
             rnd.members = frozenset(m.peer_id for m in group.members)
-            rnd.parts[self.identity.peer_id] = (part.decode(), weight)  # my part, as the others see it
+            rnd.parts[self.identity.peer_id] = (_kept(part), weight)  # my part, as the others see it
             for sender, (gid, values, w) in rnd.early.items():
-                if gid == group.group_id and sender in rnd.members and values.numel() == part.numel:
+                if gid == group.group_id and sender in rnd.members and _numel(values) == part.numel:
                     rnd.parts[sender] = (values, w)
             rnd.early.clear()
             rnd.changed.notify_all()  # early callers whose part did not fit learn it now
@@ -261,8 +264,8 @@ class RoundBook:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed payload: {exc}") from None
         if enc.codec.name != self.identity.codec:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"payload codec {enc.codec.name} != the run's {self.identity.codec}")
-        values = enc.decode()
-        if not all_finite(values):
+        values = _kept(enc)
+        if not enc.codec.decodes_finite and not all_finite(values):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "payload holds non-finite values")
         rnd = self.rounds.setdefault(key, _Round())
         async with rnd.changed:
@@ -285,7 +288,17 @@ class RoundBook:
             return rnd.reply
 
 
-def _reply(codec, parts: list[tuple[torch.Tensor, float]], names: list[str], total: float) -> tuple[bytes, int]:
+def _kept(enc: Encoded) -> torch.Tensor | Encoded:
+    """A part as the round keeps it: decoded, unless its codec cannot decode to non-finite values."""
+    return enc if enc.codec.decodes_finite else enc.decode()
+
+
+def _numel(part: torch.Tensor | Encoded) -> int:
+    return part.numel if isinstance(part, Encoded) else part.numel()
+
+
+def _reply(codec, parts: list[tuple[torch.Tensor | Encoded, float]], names: list[str],
+           total: float) -> tuple[bytes, int]:
     """The owner's answer, serialized once for all members: the encoded weighted mean of the parts."""
     pieces = payload_pieces(codec.encode(weighted_mean(parts)))
     head = pb.ReduceReply(participants=names, total_weight=total).SerializeToString()
@@ -462,7 +475,7 @@ async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: 
         lo, hi = spans[i]
         if enc.numel != hi - lo:
             raise RuntimeError(f"span {i}: {enc.numel} values in the mean, expected {hi - lo}")
-        mean[lo:hi] = enc.decode()
+        enc.codec.decode_into(enc, mean[lo:hi])
         participants.update(reply.participants)
         total = max(total, reply.total_weight)
     return AverageResult(mean, tuple(sorted(participants)), total, sent)
