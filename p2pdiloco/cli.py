@@ -1,4 +1,4 @@
-"""The `p2pdiloco` command: simulate, peer, status, local-swarm, bench quality, bench allreduce.
+"""The `p2pdiloco` command: simulate, peer, status, local-swarm, bench quality, bench allreduce, bench wan.
 
 Errors in configs or input print one line that says what to fix and exit with status 2;
 Ctrl-C stops with status 130 and keeps what was already written.
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument("--methods", nargs="+", metavar="NAME", help="a subset of the methods (default: all four)")
     allreduce.add_argument("--json", metavar="FILE", required=True)
     allreduce.set_defaults(threads=0)  # every peer process uses one thread
+    from .wan.cli import add_parser as add_bench_wan_parser
+    add_bench_wan_parser(bench_sub)
 
     from .swarm.cli import add_local_swarm_parser, add_peer_parser
     add_peer_parser(sub)
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.bench == "allreduce":
             from .bench_allreduce import cli as bench_allreduce
             return bench_allreduce(args)
+        if args.bench == "wan":
+            from .wan.cli import cli as bench_wan
+            return bench_wan(args)
         return _bench_quality(args)
     except (ValueError, SwarmStartError, TimeoutError) as exc:
         print(f"p2pdiloco: error: {exc}", file=sys.stderr)

@@ -1,0 +1,138 @@
+"""Real peers inside a NetnsBed, started the way a user starts them: the first starts the run, the
+others join through its printed join line. Each peer is `p2pdiloco peer` in its own namespace and
+process group, listening on its namespace's address; its output goes to `peer.log` in its folder,
+and its `[peer]` lines are relayed to the caller.
+
+Peers run with the `p2pdiloco.network` logger at DEBUG, which logs every average's matchmaking
+time (`... averaged with N peer(s) (matchmaking X s)`): on a WAN that is where rounds spend time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .netns import NetnsBed
+
+JOIN = re.compile(r"join with: .*--initial-peers (\S+)")
+ROUND = re.compile(r"(\w+) (\d+) round (\d+): averaged with (\d+) peer\(s\) \(matchmaking ([\d.]+)s\)")
+# `python -m p2pdiloco.cli peer`, with the network's per-round log lines switched on.
+PEER_MAIN = ("import logging, sys; logging.getLogger('p2pdiloco.network').setLevel(logging.DEBUG); "
+             "from p2pdiloco.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+class BedPeer:
+    def __init__(self, bed: NetnsBed, i: int, args: list[str], workdir: Path, echo):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.name, self.workdir, self.echo = f"p{i}", workdir, echo
+        self.lines: list[str] = []
+        self.matchmaking_s: list[float] = []  # one per completed average
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        self.proc = bed.spawn(i, [sys.executable, "-c", PEER_MAIN, "peer", *args], cwd=workdir, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        with open(self.workdir / "peer.log", "w") as log:
+            for line in self.proc.stdout:
+                log.write(line)
+                line = line.rstrip()
+                self.lines.append(line)
+                m = ROUND.search(line)
+                if m:
+                    self.matchmaking_s.append(float(m.group(5)))
+                elif line.startswith("[peer]") or " ERROR " in line or "Traceback" in line:
+                    self.echo(f"  {self.name} {line}")
+
+    def join_address(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = JOIN.search(line)
+                if m:
+                    return m.group(1)
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} printed no join line within {timeout_s:.0f}s; its log: {self.workdir / 'peer.log'}")
+
+    def summary(self) -> dict | None:
+        path = self.workdir / "summary.json"
+        return json.loads(path.read_text()) if self.proc.returncode == 0 and path.exists() else None
+
+    def tail(self, n: int = 20) -> str:
+        return "\n".join(self.lines[-n:])
+
+
+def start_peers(bed: NetnsBed, args_for, workdir: Path, echo, join_timeout_s: float = 120.0) -> list[BedPeer]:
+    """One peer per namespace, with the options `args_for(i)`: the first starts the run, the others
+    join through its join line."""
+    first = BedPeer(bed, 0, args_for(0), workdir / "p0", echo)
+    extra = ["--initial-peers", first.join_address(join_timeout_s)]
+    return [first] + [BedPeer(bed, i, [*args_for(i), *extra], workdir / f"p{i}", echo)
+                      for i in range(1, len(bed.namespaces))]
+
+
+def wait_peers(peers: list[BedPeer], timeout_s: float) -> list[str]:
+    """Wait for every peer to exit; the names of those still running after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    for p in peers:
+        try:
+            p.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for p in peers:
+        p._reader.join(5)  # the last lines, for the log and the matchmaking times
+    return [p.name for p in peers if p.proc.poll() is None]
+
+
+_SERVER = """import socket, sys
+s = socket.create_server((sys.argv[1], 0))
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+n, got = int(sys.argv[2]), 0
+while got < n:
+    b = c.recv(1 << 20)
+    if not b:
+        break
+    got += len(b)
+c.sendall(b"k")
+"""
+_CLIENT = """import socket, sys, time
+t = time.perf_counter()
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+rtt = time.perf_counter() - t
+n = int(sys.argv[3])
+t = time.perf_counter()
+c.sendall(bytes(n))
+c.recv(1)
+print(rtt, time.perf_counter() - t)
+"""
+
+
+def link_check(bed: NetnsBed, i: int = 0, j: int = 1, nbytes: int = 2_000_000, timeout_s: float = 60.0) -> dict:
+    """What the link between peers i and j really gives: TCP connect time (one round trip) and the
+    goodput of one nbytes transfer (slow start included), measured from i's namespace to j's."""
+    server = bed.spawn(j, [sys.executable, "-c", _SERVER, bed.addresses[j], str(nbytes)],
+                       stdout=subprocess.PIPE, text=True)
+    client = None
+    try:
+        ready, _, _ = select.select([server.stdout], [], [], timeout_s)
+        port = server.stdout.readline().strip() if ready else "(no port within the timeout)"
+        client = bed.spawn(i, [sys.executable, "-c", _CLIENT, bed.addresses[j], port, str(nbytes)],
+                           stdout=subprocess.PIPE, text=True)
+        out, _ = client.communicate(timeout=timeout_s)
+        rtt, seconds = (float(x) for x in out.split())
+    except (subprocess.TimeoutExpired, ValueError) as exc:
+        raise RuntimeError(f"the test bed's link from peer {i} to peer {j} does not carry TCP ({exc}); "
+                           f"a firewall on bridged traffic (br_netfilter) can cause this") from None
+    finally:
+        bed.stop([p for p in (server, client) if p is not None], grace_s=2)
+    return {"from": i, "to": j, "rtt_ms": rtt * 1000, "bytes": nbytes, "goodput_mbit_s": nbytes * 8 / seconds / 1e6}
