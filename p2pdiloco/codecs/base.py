@@ -1,0 +1,101 @@
+"""What every codec shares: the `Encoded` payload (an 8-byte header, per-block scales, the packed
+values), the `Codec` interface with slicing and parsing, and `CodecError` for malformed payloads.
+
+`len(enc.to_bytes())` is exactly what travels, so byte accounting is exact by construction.
+Blocks never straddle a span boundary when spans are cut at multiples of `align` (see spans.py), so a
+span of an encoded tensor is sliced out without re-encoding.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import torch
+
+HEADER = struct.Struct("<BBHI")  # codec id, log2(block), reserved, numel
+HEADER_BYTES = HEADER.size  # 8
+
+
+class CodecError(ValueError):
+    """A payload that cannot be decoded: wrong length, unknown codec, corrupt scale."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    codec: "Codec"
+    numel: int
+    scales: torch.Tensor  # per-block scales (dtype per codec), empty for plain casts
+    values: torch.Tensor  # uint8 bytes of the packed values
+
+    @property
+    def nbytes(self) -> int:
+        return HEADER_BYTES + self.scales.numel() * self.scales.element_size() + self.values.numel()
+
+    def to_bytes(self) -> bytes:
+        head = HEADER.pack(self.codec.codec_id, self.codec.block.bit_length() - 1, 0, self.numel)
+        return head + self.scales.numpy().tobytes() + self.values.numpy().tobytes()
+
+    def decode(self) -> torch.Tensor:
+        return self.codec.decode(self)
+
+    def slice(self, start: int, end: int) -> "Encoded":
+        """Elements [start, end) as their own payload; start must sit on a block boundary."""
+        return self.codec.slice(self, start, end)
+
+
+class Codec:
+    name: str
+    codec_id: int
+    block: int = 1  # elements that share a scale (1: no scales)
+    bits: int = 32
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        raise NotImplementedError
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_into(self, enc: Encoded, out: torch.Tensor) -> torch.Tensor:
+        """decode(enc) written into out (fp32, enc.numel values)."""
+        return out.copy_(self.decode(enc))
+
+    # True where no payload of the right length decodes to NaN or ±inf, so there is nothing to check.
+    decodes_finite = False
+
+    @property
+    def align(self) -> int:
+        """Span boundaries must be multiples of this so that slices need no re-encoding."""
+        return max(self.block, 2 if self.bits == 4 else 1)
+
+    def nbytes(self, numel: int) -> int:
+        blocks = -(-numel // self.block) if self.block > 1 else 0
+        return HEADER_BYTES + blocks * self.scale_bytes + -(-numel * self.bits // 8)
+
+    scale_bytes = 0
+
+    def slice(self, enc: Encoded, start: int, end: int) -> Encoded:
+        if start % self.align or not 0 <= start <= end <= enc.numel:
+            raise ValueError(f"slice [{start}, {end}) of {enc.numel} is not aligned to {self.align}")
+        b0, b1 = (start // self.block, -(-end // self.block)) if self.block > 1 else (0, 0)
+        v0, v1 = start * self.bits // 8, -(-end * self.bits // 8)
+        return Encoded(self, end - start, enc.scales[b0:b1], enc.values[v0:v1])
+
+    def from_bytes(self, payload: bytes | memoryview, numel: int) -> Encoded:
+        expected = self.nbytes(numel) - HEADER_BYTES
+        if len(payload) != expected:
+            raise CodecError(f"{self.name} payload of {numel} values must be {expected} bytes, got {len(payload)}")
+        raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
+        nscale = (expected - -(-numel * self.bits // 8))
+        scales = raw[:nscale].view(self.scale_dtype) if nscale else torch.empty(0, dtype=self.scale_dtype)
+        return Encoded(self, numel, scales, raw[nscale:])
+
+    scale_dtype = torch.uint8
+
+
+def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
+    x = x.detach().float().reshape(-1)
+    n = x.numel()
+    pad = -n % block
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad)])
+    return x.view(-1, block), n
