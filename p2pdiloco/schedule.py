@@ -35,6 +35,10 @@ class StepSchedule:
     def next_round(self, f: int, step: int) -> int:
         return next_round(step, self.offsets[f], self.H)
 
+    def final_round(self, f: int, step: int) -> int:
+        """The round of fragment f's last sync when training ends after `step`."""
+        return self.next_round(f, step)
+
     def due_next(self, step: int) -> set[int]:
         return set(due_fragments(step + 1, self.offsets, self.H))
 
@@ -79,6 +83,15 @@ class ClockSchedule:
 
     def next_round(self, f: int, step: int) -> int:
         return max(self._passed(f, self.clock()), self.sent[f] + 1)
+
+    def final_round(self, f: int, step: int) -> int:
+        """Fragment f's first round due at or after the run's end: named from the end time, which
+        every peer shares, not from the moment this peer noticed the end. A peer whose last step
+        ended just before a round due at the end, and one whose step ended just after it (and sent
+        that round as due), must name the same round, or each would average its last Δ alone."""
+        first = self.frac[f] + (1 if self.frac[f] == 0 else 0)
+        at_end = max(0, math.ceil(self.duration_s / self.round_s - first - 1e-9))
+        return max(at_end, self.sent[f] + 1)
 
     def due_next(self, step: int) -> set[int]:
         soon = self.clock() + max(2 * self.step_s, 0.05)

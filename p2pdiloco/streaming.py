@@ -200,7 +200,7 @@ class Worker:
                 if f in self.in_flight:
                     self.in_flight[f].alpha = 0.0
             else:
-                self._send(f, self.schedule.next_round(f, self.step), final=True)
+                self._send(f, self.schedule.final_round(f, self.step), final=True)
 
     def _send(self, f: int, rnd: int, final: bool) -> None:
         if f in self.in_flight:  # its previous mean is still owed: settle it first

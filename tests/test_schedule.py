@@ -127,3 +127,40 @@ def test_a_newcomer_mid_run_begins_with_the_next_round_not_the_past_ones():
     assert s.due(2) == [(1, 2)]
     clock.t = 200.0
     assert s.finished(3) and s.lr_step(3) == 100
+
+
+@pytest.mark.parametrize("offsets,H", [([0], 10), ([0, 15], 30), ([0, 10, 20], 30), ([0, 7], 30)])
+def test_peers_that_notice_the_end_at_different_moments_name_the_same_final_rounds(offsets, H):
+    """The end is noticed after a step: one peer's last due() ran just before the end, another's
+    just after it (so a round due exactly at the end was already sent by it as a regular round).
+    Their last syncs must still meet: the same round for every fragment, for each the round the
+    other peer either sends as its final or already sent at that very step."""
+    W, duration, epoch = 10.0, 100.0, 0.0
+    early_clock, late_clock = FakeClock(epoch), FakeClock(epoch)
+    early = ClockSchedule(offsets, H, 1000, epoch, W, duration, early_clock)
+    late = ClockSchedule(offsets, H, 1000, epoch, W, duration, late_clock)
+    for t in range(1, 100):  # one step a second, both peers, until just before the end
+        early_clock.t = late_clock.t = epoch + t - 0.001
+        early.due(t), late.due(t)
+    early_clock.t = epoch + duration - 1e-4  # its last step ends just before the end...
+    assert early.due(100) == [] and not early.finished(100)
+    early_clock.t = epoch + duration + 0.2  # ...and the end is noticed a moment later
+    assert early.finished(100)
+    late_clock.t = epoch + duration + 0.3  # its last step ends after the end
+    sent_at_end = dict(late.due(100))
+    assert late.finished(100)
+    for f in range(len(offsets)):
+        last_of_late = sent_at_end.get(f, late.final_round(f, 100))
+        assert early.final_round(f, 100) == last_of_late, (f, sent_at_end)
+    assert sent_at_end.get(0) == 9  # fragment 0's round 9 is due at the end itself
+
+
+def test_the_final_round_at_a_steady_pace_is_the_step_schedules():
+    offsets, H, W = sync_offsets(3, 30), 30, 6.0
+    clock = FakeClock(0.0)
+    steps, timed = StepSchedule(offsets, H, 4 * H), ClockSchedule(offsets, H, 4 * H, 0.0, W, 4 * W, clock)
+    for step in range(1, 4 * H + 1):
+        clock.t = step * W / H
+        due = dict(timed.due(step))
+    for f in range(3):
+        assert due.get(f, timed.final_round(f, 4 * H)) == dict(steps.due(4 * H)).get(f, steps.final_round(f, 4 * H))

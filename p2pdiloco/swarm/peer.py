@@ -207,6 +207,7 @@ class Peer:
         start, last_report, tokens0, step0, compute_s = time.perf_counter(), 0.0, w.tokens, w.step, 0.0
         curve, eval_s, next_eval = [(0.0, w.tokens, before)], 0.0, self.swarm.eval_every_s or float("inf")
         first_average = bool(w.applied_rounds)  # a newcomer's download already holds averages
+        loss = float("nan")
         while not w.schedule.finished(w.step) and not self.stopping.is_set():
             t0, wait0 = time.perf_counter(), w.wait_s
             loss = w.forward_backward(*self.sampler.next(), micro_batch=hw.micro_batch)
@@ -214,13 +215,10 @@ class Peer:
             if hw.slowdown > 1:  # emulated slower hardware: the step's compute, stretched
                 time.sleep((hw.slowdown - 1) * (time.perf_counter() - t0 - (w.wait_s - wait0)))
             w.send_due()  # the due fragments' Δ go to the network thread; training goes on
-            if w.schedule.finished(w.step):  # no lost work: a last sync of every fragment, and wait for it
-                w.send_final()
-                w.flush()
-                if w.missed:  # a final round failed here: take the swarm's copy if anyone has it
-                    self._catch_up(urgent=True)
-            else:
-                w.apply_due()  # means sent τ steps ago: waits only if one is late
+            if w.schedule.finished(w.step):
+                compute_s += time.perf_counter() - t0 - (w.wait_s - wait0)
+                break  # the final sync below settles what is in flight
+            w.apply_due()  # means sent τ steps ago: waits only if one is late
             if w.missed and not w.in_flight:  # a round others applied without us: take their global copy
                 urgent = bool(w.missed & w.schedule.due_next(w.step))
                 if urgent or time.monotonic() >= self._next_catch_up:
@@ -238,10 +236,17 @@ class Peer:
                 next_eval = elapsed + self.swarm.eval_every_s
             status.update(step=w.step, tokens=w.tokens, tokens_per_s=(w.tokens - tokens0) / max(elapsed, 1e-9),
                           rounds=dict(w.applied_rounds))
-            if elapsed - last_report > 10 or w.schedule.finished(w.step):
+            if elapsed - last_report > 10:
                 last_report = elapsed
-                self.out(f"[peer] {w.schedule.progress(w.step)}  loss {loss:.3f}  {status['tokens_per_s']:,.0f} tok/s  "
-                         f"sent {w.bytes_sent:,} B  skipped rounds {w.skipped_rounds}", flush=True)
+                self._report(loss)
+        # No lost work: a last sync of every fragment, and wait for it. After the loop, because on
+        # the wall clock the end may come during an evaluation or a catch-up, not only after a step.
+        if w.schedule.finished(w.step) and w.step > step0 and not self.stopping.is_set():
+            w.send_final()
+            w.flush()
+            if w.missed:  # a final round failed here: take the swarm's copy if anyone has it
+                self._catch_up(urgent=True)
+        self._report(loss)
         wall = time.perf_counter() - start
         after = evaluate(w.load_global_into(self.eval_model), self.val)
         curve.append((wall, w.tokens, after))
@@ -254,6 +259,11 @@ class Peer:
                 "device": str(self.device), "batch_size": cfg.batch_size, "micro_batch": hw.micro_batch,
                 "slowdown": hw.slowdown,
                 "eval_curve": [{"wall_s": t, "tokens": n, "eval_loss": v} for t, n, v in curve]}
+
+    def _report(self, loss: float) -> None:
+        w, status = self.worker, self.net.status
+        self.out(f"[peer] {w.schedule.progress(w.step)}  loss {loss:.3f}  {status['tokens_per_s']:,.0f} tok/s  "
+                 f"sent {w.bytes_sent:,} B  skipped rounds {w.skipped_rounds}", flush=True)
 
     def _data_parallel_bytes(self, steps: int) -> int:
         """What a bf16 ring all-reduce of the gradients, among as many peers as this one averaged

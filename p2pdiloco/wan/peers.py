@@ -40,7 +40,7 @@ class BedPeer:
         self._reader.start()
 
     def _read(self) -> None:
-        with open(self.workdir / "peer.log", "w") as log:
+        with open(self.workdir / "peer.log", "w", buffering=1) as log:  # line by line: readable while it runs
             for line in self.proc.stdout:
                 log.write(line)
                 line = line.rstrip()
