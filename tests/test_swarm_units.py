@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from p2pdiloco.averaging import SyncKey
 from p2pdiloco.swarm.config import SwarmConfig
-from p2pdiloco.swarm.matchmaking import group_id, make_group, partition
+from p2pdiloco.swarm.matchmaking import (SETTLE_S, LateForRound, Member, form_group, group_id, make_group, on_time,
+                                         partition)
 from p2pdiloco.swarm.records import PeerRecord, RecordError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +72,78 @@ def test_groups_change_between_rounds_and_agree_between_peers():
         for m in g.members:  # every member of my group computed the same group
             assert groups[m.peer_id].group_id == g.group_id
     assert group_id(key, ["a", "b"]) != group_id(SyncKey("fragment", 0, 2), ["a", "b"])
+
+
+def test_the_window_closes_after_the_first_declaration_for_everyone():
+    decl = {"a": ("h:1", 100.0), "b": ("h:2", 103.0), "c": ("h:3", 105.0), "d": ("h:4", 105.01)}
+    timely, closes = on_time(decl, 5.0)
+    assert closes == 105.0 and timely == {"a": "h:1", "b": "h:2", "c": "h:3"}
+    assert on_time({"d": ("h:4", 105.01)}, 5.0)[0] == {"d": "h:4"}  # alone, d opens its own window
+
+
+class _SharedRound:
+    """The round keys of a DHT, shared by the peers of one test; each peer reads it through `View`."""
+
+    def __init__(self):
+        self.entries: dict[str, dict[str, tuple[str, float]]] = {}
+
+    class View:
+        def __init__(self, shared, peer_id):
+            self.shared, self.peer_id = shared, peer_id
+
+        def declare(self, key, value, ttl_s, at):
+            self.shared.entries.setdefault(key, {})[self.peer_id] = (value, at)
+            return True
+
+        def declarations(self, key, ttl_s):
+            return dict(self.shared.entries.get(key, {}))
+
+
+def test_a_peer_that_declares_after_the_window_is_left_out_by_all_and_knows_it_at_once():
+    """Three live peers; the third declares after the round's window closed (a slow peer). The two
+    others must agree on a group without it, and it must not wait: before the shared close, the
+    fast peers' windows ended at different moments and a declaration in between split them."""
+    import asyncio
+    import time
+
+    shared, key, window = _SharedRound(), SyncKey("fragment", 0, 3), 0.4
+    members = {p: Member(p, f"h:{i}") for i, p in enumerate(["fast1", "fast2", "slow"])}
+
+    async def join(peer, delay):
+        await asyncio.sleep(delay)
+        started = time.monotonic()
+        try:
+            group = await form_group(_SharedRound.View(shared, peer), key, members[peer], lambda: list(members), 4,
+                                     window, poll_s=0.01, clock=time.time)
+            return group, time.monotonic() - started
+        except LateForRound as exc:
+            return exc, time.monotonic() - started
+
+    async def main():
+        return await asyncio.gather(join("fast1", 0.0), join("fast2", 0.2), join("slow", window + 0.2))
+
+    (g1, _), (g2, _), (late, late_s) = asyncio.run(main())
+    assert [m.peer_id for m in g1.members] == [m.peer_id for m in g2.members] == ["fast1", "fast2"]
+    assert g1.group_id == g2.group_id
+    assert isinstance(late, LateForRound) and late_s < 0.2 < SETTLE_S
+
+
+def test_peers_that_all_declare_in_the_window_form_their_group_without_waiting_for_it_to_close():
+    import asyncio
+    import time
+
+    shared, key = _SharedRound(), SyncKey("fragment", 1, 0)
+    members = {p: Member(p, f"h:{i}") for i, p in enumerate(["a", "b"])}
+
+    async def join(peer):
+        return await form_group(_SharedRound.View(shared, peer), key, members[peer], lambda: list(members), 4,
+                                30.0, poll_s=0.01, clock=time.time)
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(join("a"), join("b")), 5)
+
+    ga, gb = asyncio.run(main())
+    assert ga.group_id == gb.group_id and ga.size == 2
 
 
 @pytest.mark.parametrize("field,value,match", [

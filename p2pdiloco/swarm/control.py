@@ -87,16 +87,23 @@ class ControlPlane:
                 out.append(rec)
         return sorted(out, key=lambda r: r.peer_id)
 
-    def declare(self, key: str, value: str, ttl_s: float) -> bool:
+    def declare(self, key: str, value: str, ttl_s: float, at: float | None = None) -> bool:
+        """Store `value` under `key`, subkey this peer, declared at DHT time `at` (default: now): the
+        entry expires at `at + ttl_s`, so readers recover `at` from its expiry (`declarations`)."""
         full = f"p2pdiloco/{self.cfg.run_id}/{key}"
-        return bool(self._wait(self.dht.store(full, value, dht_time() + ttl_s, subkey=self.peer_id,
-                                              return_future=True)))
+        at = dht_time() if at is None else at
+        return bool(self._wait(self.dht.store(full, value, at + ttl_s, subkey=self.peer_id, return_future=True)))
 
     def declared(self, key: str) -> dict[str, str]:
+        return {k: value for k, (value, _) in self.declarations(key, 0.0).items()}
+
+    def declarations(self, key: str, ttl_s: float) -> dict[str, tuple[str, float]]:
+        """Subkey → (value, the DHT time it was declared at), for entries declared with this ttl_s."""
         found = self._wait(self.dht.get(f"p2pdiloco/{self.cfg.run_id}/{key}", latest=True, return_future=True))
         if found is None or not isinstance(found.value, dict):
             return {}
-        return {k: v.value for k, v in found.value.items() if isinstance(k, str) and isinstance(v.value, str)}
+        return {k: (v.value, v.expiration_time - ttl_s) for k, v in found.value.items()
+                if isinstance(k, str) and isinstance(v.value, str)}
 
     def shutdown(self) -> None:
         start = time.monotonic()

@@ -1,13 +1,23 @@
 """Group formation for one average: who averages fragment f of round r with whom.
 
-Every peer due for (f, r) declares itself in the DHT under the round's key, then polls that key
-until every live training peer of the run has declared, or until the matchmaking window closes
-(`window_s`, the bound on how long a fast peer waits for a slow one). From the declared set, groups
-are a pure, deterministic function (`partition`): members are ordered by a hash of the round and
-their peer id and cut into groups of at most `group_size`, so a swarm larger than a group regroups
-at random every round and averages mix across the whole swarm without a global barrier. Peers that
-read the same declared set compute the same groups; a peer that read a different set carries a
-different `group_id`, and the owners refuse its parts (that round is then skipped for it, logged).
+Every peer due for (f, r) declares itself in the DHT under the round's key, stamped with the DHT
+time it declared at. The round's window closes `window_s` after the *first* declaration, the same
+moment for every peer: a declaration stamped after that is late, and every peer leaves it out
+(the late peer itself sees it at once and sits the round out, logged, instead of waiting). A peer
+returns its group as soon as every live training peer of the run has declared within the window,
+or else once the window has closed and `SETTLE_S` more have passed for declarations stored just
+before the close to become readable. Without a shared close, a peer that declared as a fast peer's
+own window ended was in some peers' view of the group and not in others', and the round failed
+for all of them.
+
+From the declared set, groups are a pure, deterministic function (`partition`): members are
+ordered by a hash of the round and their peer id and cut into groups of at most `group_size`, so a
+swarm larger than a group regroups at random every round and averages mix across the whole swarm
+without a global barrier. Peers that read the same set compute the same groups; a peer that read
+a different set (a declaration slower to store than SETTLE_S, clocks further apart than that)
+carries a different `group_id`, and the owners refuse its parts (that round is then skipped for
+it, logged). The stamps are DHT time (the wall clock): peers' clocks must agree to well under
+SETTLE_S, as NTP keeps them.
 """
 from __future__ import annotations
 
@@ -63,23 +73,45 @@ def make_group(key: SyncKey, declared: dict[str, str], me: str, group_size: int,
     raise AssertionError(f"{me} is not among the declared peers")
 
 
+class LateForRound(RuntimeError):
+    """This peer declared after the round's window had closed: the others average without it."""
+
+
+# After the window closes, how long a declaration stamped before the close may take to become
+# readable (a DHT store takes ~0.1 s on a 25 ms link, bench wan's matchmaking floor).
+SETTLE_S = 1.0
+
+
+def on_time(declarations: dict[str, tuple[str, float]], window_s: float) -> tuple[dict[str, str], float]:
+    """The declarations stamped within `window_s` of the first one (peer id → address), and when
+    that window closes."""
+    closes = min(at for _, at in declarations.values()) + window_s
+    return {p: address for p, (address, at) in declarations.items() if at <= closes}, closes
+
+
 async def form_group(control, key: SyncKey, me: Member, expected, group_size: int, window_s: float,
-                     poll_s: float = 0.05, ttl_s: float = 120.0) -> Group:
-    """Declare myself for `key` and return my group once every expected peer has declared or the
-    window has closed. `expected()` gives the peer ids of live training peers (a blocking DHT read).
-    Every DHT call runs in the loop's executor; none blocks the data plane."""
+                     poll_s: float = 0.05, ttl_s: float = 120.0, clock=None) -> Group:
+    """Declare myself for `key` and return my group once every expected peer has declared in the
+    window, or the window has closed (see above). `expected()` gives the peer ids of live training
+    peers (a blocking DHT read). Every DHT call runs in the loop's executor; none blocks the data
+    plane. Raises LateForRound if this peer's declaration came after the window closed."""
+    from .control import dht_time
+    clock = clock or dht_time
     loop = asyncio.get_running_loop()
     start = time.monotonic()
     rkey = round_key(key)
-    await loop.run_in_executor(None, control.declare, rkey, me.address, ttl_s)
+    mine = clock()
+    await loop.run_in_executor(None, control.declare, rkey, me.address, ttl_s, mine)
     want = set(await loop.run_in_executor(None, expected)) | {me.peer_id}
-    declared: dict[str, str] = {}
     while True:
-        declared = await loop.run_in_executor(None, control.declared, rkey)
-        declared[me.peer_id] = me.address
-        waited = time.monotonic() - start
-        if want <= set(declared) or waited >= window_s:
-            return make_group(key, declared, me.peer_id, group_size, waited)
+        declarations = await loop.run_in_executor(None, control.declarations, rkey, ttl_s)
+        declarations[me.peer_id] = (me.address, mine)  # my own store may not be readable yet
+        timely, closes = on_time(declarations, window_s)
+        if mine > closes:
+            raise LateForRound(f"{key.kind} {key.index} round {key.round}: declared {mine - closes:.2f}s after its "
+                               f"window closed ({window_s:.0f}s after the first peer); the others average without me")
+        if want <= set(timely) or clock() >= closes + SETTLE_S:
+            return make_group(key, timely, me.peer_id, group_size, time.monotonic() - start)
         await asyncio.sleep(poll_s)
-        if waited > 1.0:  # peers that died since we looked stop being expected
+        if time.monotonic() - start > 1.0:  # peers that died since we looked stop being expected
             want = set(await loop.run_in_executor(None, expected)) | {me.peer_id}
