@@ -27,17 +27,25 @@ from .fragments import due_fragments, next_round, sync_round
 class StepSchedule:
     def __init__(self, offsets: list[int], H: int, total_steps: int):
         self.offsets, self.H, self.total_steps = offsets, H, total_steps
+        self._asked = -1  # the last step due() answered: asked again, nothing new is due
 
     def due(self, step: int) -> list[tuple[int, int]]:
-        """(fragment, round) of the syncs that begin right after inner step `step`."""
+        """(fragment, round) of the syncs that begin right after inner step `step`, once per step."""
+        if step <= self._asked:
+            return []
+        self._asked = step
+        return self._due_at(step)
+
+    def _due_at(self, step: int) -> list[tuple[int, int]]:
         return [(f, sync_round(step, self.offsets[f], self.H)) for f in due_fragments(step, self.offsets, self.H)]
 
     def next_round(self, f: int, step: int) -> int:
         return next_round(step, self.offsets[f], self.H)
 
     def final_round(self, f: int, step: int) -> int:
-        """The round of fragment f's last sync when training ends after `step`."""
-        return self.next_round(f, step)
+        """The round of fragment f's last sync when training ends after `step`: the one it begins
+        at that very step if it is due, else the next."""
+        return dict(self._due_at(step)).get(f, self.next_round(f, step))
 
     def due_next(self, step: int) -> set[int]:
         return set(due_fragments(step + 1, self.offsets, self.H))
@@ -63,10 +71,19 @@ class ClockSchedule:
         self._last_due_call: float | None = None
         self.step_s = 0.0  # a running estimate of one step's wall time
 
+    def _first(self, f: int) -> float:
+        return self.frac[f] + (1 if self.frac[f] == 0 else 0)
+
     def _passed(self, f: int, now: float) -> int:
-        """How many of fragment f's due times are at or before `now`."""
-        first = self.frac[f] + (1 if self.frac[f] == 0 else 0)
-        return max(0, math.floor((now - self.epoch) / self.round_s - first + 1e-9) + 1)
+        """How many of fragment f's due times are at or before `now`, counting only the regular
+        rounds: those due before the run's end. The last round of every fragment is the one due
+        at or after the end (`final_round`), sent by every peer when it stops."""
+        passed = math.floor((now - self.epoch) / self.round_s - self._first(f) + 1e-9) + 1
+        return max(0, min(passed, self._regular(f)))
+
+    def _regular(self, f: int) -> int:
+        """How many of fragment f's due times come before the end (the same number on every peer)."""
+        return max(0, math.ceil(self.duration_s / self.round_s - self._first(f) - 1e-9))
 
     def due(self, step: int) -> list[tuple[int, int]]:
         now = self.clock()
@@ -85,13 +102,11 @@ class ClockSchedule:
         return max(self._passed(f, self.clock()), self.sent[f] + 1)
 
     def final_round(self, f: int, step: int) -> int:
-        """Fragment f's first round due at or after the run's end: named from the end time, which
-        every peer shares, not from the moment this peer noticed the end. A peer whose last step
-        ended just before a round due at the end, and one whose step ended just after it (and sent
-        that round as due), must name the same round, or each would average its last Δ alone."""
-        first = self.frac[f] + (1 if self.frac[f] == 0 else 0)
-        at_end = max(0, math.ceil(self.duration_s / self.round_s - first - 1e-9))
-        return max(at_end, self.sent[f] + 1)
+        """Fragment f's last round: the first due at or after the run's end. It is named from the
+        end time, which every peer shares, never from the moment a peer noticed the end (after a
+        step, an evaluation or a catch-up): a peer that noticed late must not name a round the
+        others have already sent as a regular one, or each side averages its last Δ alone."""
+        return max(self._regular(f), self.sent[f] + 1)
 
     def due_next(self, step: int) -> set[int]:
         soon = self.clock() + max(2 * self.step_s, 0.05)

@@ -120,7 +120,7 @@ class Worker:
         self.offsets = sync_offsets(len(self.fragments), cfg.H)
         # A swarm peer in time-budget mode swaps in a ClockSchedule once it knows the run's epoch.
         self.schedule = StepSchedule(self.offsets, cfg.H, inner.total_steps)
-        self._due_now: tuple[int, set[int]] = (-1, set())  # (step, fragments that began a sync after it)
+        self._due_now: tuple[int, dict[int, int]] = (-1, {})  # (step, fragment → round it began after it)
         self.in_flight: dict[int, _InFlight] = {}
         self.tokens_since = [0] * len(self.fragments)
         self.step = 0  # inner steps taken
@@ -184,7 +184,8 @@ class Worker:
         if self.data_parallel_now:
             return
         due = self.schedule.due(self.step)
-        self._due_now = (self.step, {f for f, _ in due})
+        earlier = self._due_now[1] if self._due_now[0] == self.step else {}
+        self._due_now = (self.step, {**earlier, **dict(due)})
         for f, rnd in due:
             self._send(f, rnd, final=False)
 
@@ -194,13 +195,17 @@ class Worker:
         evaluated on a fully synced model. The replicas then restart from it (α = 0)."""
         if self.data_parallel_now:
             return
-        due = self._due_now[1] if self._due_now[0] == self.step else set()
+        # Rounds that came due since this step's send_due(): on the wall clock the end may be
+        # noticed later (after an evaluation), and the others will have sent those rounds.
+        self.send_due()
+        due = self._due_now[1] if self._due_now[0] == self.step else {}
         for f in range(len(self.fragments)):
-            if f in due:  # sent at this step already: only its landing changes, no more training follows
+            last = self.schedule.final_round(f, self.step)
+            if due.get(f) == last:  # sent at this step already: only its landing changes, no more training follows
                 if f in self.in_flight:
                     self.in_flight[f].alpha = 0.0
             else:
-                self._send(f, self.schedule.final_round(f, self.step), final=True)
+                self._send(f, last, final=True)
 
     def _send(self, f: int, rnd: int, final: bool) -> None:
         if f in self.in_flight:  # its previous mean is still owed: settle it first

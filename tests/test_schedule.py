@@ -96,7 +96,7 @@ def test_clock_schedule_names_the_same_rounds_as_the_step_schedule_at_a_steady_p
     W, epoch = 6.0, 1000.0
     clock = FakeClock(epoch)
     steps, timed = StepSchedule(offsets, H, 5 * H), ClockSchedule(offsets, H, 5 * H, epoch, W, 5 * W, clock)
-    for step in range(1, 5 * H + 1):
+    for step in range(1, 5 * H):  # the last step's rounds: test_the_final_round_at_a_steady_pace...
         clock.t = epoch + step * W / H
         assert timed.due(step) == steps.due(step), step
         assert timed.finished(step) == steps.finished(step)
@@ -129,38 +129,62 @@ def test_a_newcomer_mid_run_begins_with_the_next_round_not_the_past_ones():
     assert s.finished(3) and s.lr_step(3) == 100
 
 
+def _rounds_of_a_peer(schedule, clock, due_times, noticed_at):
+    """The (fragment, round) syncs a peer begins, as streaming.py does: due() after each step, then
+    at the end every fragment's final round unless it began that very round at its last step."""
+    sent, due = [], {}
+    for t in due_times:
+        clock.t = t
+        due = dict(schedule.due(0))
+        sent += sorted(due.items())
+    last_due = due if noticed_at == due_times[-1] else {}  # the end noticed right after a step, or later
+    clock.t = noticed_at
+    assert schedule.finished(0)
+    late = dict(schedule.due(0))  # send_final asks once more: rounds due since the last step
+    sent += sorted(late.items())
+    last_due = {**last_due, **late}
+    for f in range(len(schedule.frac)):
+        last = schedule.final_round(f, 0)
+        if last_due.get(f) != last:
+            sent.append((f, last))
+    return sent
+
+
+@pytest.mark.parametrize("duration", [100.0, 103.0, 104.6])
 @pytest.mark.parametrize("offsets,H", [([0], 10), ([0, 15], 30), ([0, 10, 20], 30), ([0, 7], 30)])
-def test_peers_that_notice_the_end_at_different_moments_name_the_same_final_rounds(offsets, H):
-    """The end is noticed after a step: one peer's last due() ran just before the end, another's
-    just after it (so a round due exactly at the end was already sent by it as a regular round).
-    Their last syncs must still meet: the same round for every fragment, for each the round the
-    other peer either sends as its final or already sent at that very step."""
-    W, duration, epoch = 10.0, 100.0, 0.0
-    early_clock, late_clock = FakeClock(epoch), FakeClock(epoch)
-    early = ClockSchedule(offsets, H, 1000, epoch, W, duration, early_clock)
-    late = ClockSchedule(offsets, H, 1000, epoch, W, duration, late_clock)
-    for t in range(1, 100):  # one step a second, both peers, until just before the end
-        early_clock.t = late_clock.t = epoch + t - 0.001
-        early.due(t), late.due(t)
-    early_clock.t = epoch + duration - 1e-4  # its last step ends just before the end...
-    assert early.due(100) == [] and not early.finished(100)
-    early_clock.t = epoch + duration + 0.2  # ...and the end is noticed a moment later
-    assert early.finished(100)
-    late_clock.t = epoch + duration + 0.3  # its last step ends after the end
-    sent_at_end = dict(late.due(100))
-    assert late.finished(100)
-    for f in range(len(offsets)):
-        last_of_late = sent_at_end.get(f, late.final_round(f, 100))
-        assert early.final_round(f, 100) == last_of_late, (f, sent_at_end)
-    assert sent_at_end.get(0) == 9  # fragment 0's round 9 is due at the end itself
+def test_peers_that_notice_the_end_at_different_moments_begin_the_same_rounds(offsets, H, duration):
+    """Peers of different speeds call due() at different moments and notice the end after a step,
+    or later (after an evaluation or a catch-up, with no due() in between). Every one of them must
+    begin the same rounds near the end, the final ones included, or some average their last Δ
+    alone and the run ends with more than one global model. (It did: a round due between a
+    peer's last due() and the end was sent by the others and skipped by it.)"""
+    W, epoch, end = 10.0, 0.0, duration
+    n = int(end) + 5
+    peers = {  # name: (due() times, when the end is noticed; None: right after the first step past it)
+        "steady": ([t + 0.05 for t in range(n)], None),
+        "just_before": (sorted([t - 0.0001 for t in range(1, n)] + [end - 0.0001, end + 0.2]), None),
+        "slow": ([2.7 * t for t in range(1, n)], None),
+        "evaluating": ([t + 0.5 for t in range(int(end) - 2)], end + 0.8),
+    }
+    seen = {}
+    for name, (times, noticed) in peers.items():
+        clock = FakeClock(epoch)
+        s = ClockSchedule(offsets, H, 1000, epoch, W, duration, clock)
+        times = [t for t in times if t < end] + [t for t in times if t >= end][:1]  # steps stop at the end
+        noticed = noticed if noticed is not None else times[-1]
+        seen[name] = {fr for fr in _rounds_of_a_peer(s, clock, times, noticed) if fr[1] >= duration / W - 3}
+    assert all(v == seen["steady"] for v in seen.values()), seen
 
 
 def test_the_final_round_at_a_steady_pace_is_the_step_schedules():
+    """Both schedules end by beginning the same round of every fragment with the last step."""
     offsets, H, W = sync_offsets(3, 30), 30, 6.0
     clock = FakeClock(0.0)
     steps, timed = StepSchedule(offsets, H, 4 * H), ClockSchedule(offsets, H, 4 * H, 0.0, W, 4 * W, clock)
     for step in range(1, 4 * H + 1):
         clock.t = step * W / H
-        due = dict(timed.due(step))
+        timed_due = dict(timed.due(step))
+    step_due = dict(steps.due(4 * H))
     for f in range(3):
-        assert due.get(f, timed.final_round(f, 4 * H)) == dict(steps.due(4 * H)).get(f, steps.final_round(f, 4 * H))
+        assert timed_due.get(f, timed.final_round(f, 4 * H)) == step_due.get(f, steps.final_round(f, 4 * H))
+        assert steps.final_round(f, 4 * H) == step_due.get(f, steps.next_round(f, 4 * H))
