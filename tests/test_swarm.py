@@ -175,6 +175,27 @@ def test_peers_on_the_libp2p_transport_average_with_grpc_peers(swarm, text_file)
         assert s["skipped_rounds"] == 0 and s["bytes_sent"] > 0, p.output()
 
 
+def test_transport_auto_announces_libp2p_when_others_cannot_reach_its_grpc_address(swarm, text_file):
+    """--transport auto (the default) asks a live peer to dial the gRPC address it would announce.
+    A peer whose announced address does not reach it (here --announce-host 127.0.0.3 while it
+    listens on 127.0.0.1 only, as a NATed or misconfigured host) announces libp2p instead; a
+    reachable one announces gRPC; all three average together and end with one global model."""
+    args = [*TINY, "--data", str(text_file), "--steps", "24", "--wait-for-peers", "3", "--json", "s.json"]
+    first = swarm.start(*args)
+    addr = first.join_address()
+    hidden = swarm.start(*args, "--initial-peers", addr, "--announce-host", "127.0.0.3")
+    reachable = swarm.start(*args, "--initial-peers", addr)
+    assert hidden.wait_for(r"serving on (\S+)", 60).group(1).startswith("p2p:"), hidden.output()
+    hidden.wait_for(r"transport auto: 127\.0\.0\.3:\d+ is NOT reachable .*averaging over libp2p instead", 5)
+    assert reachable.wait_for(r"serving on (\S+)", 60).group(1).startswith("127.0.0.1:"), reachable.output()
+    reachable.wait_for(r"transport auto: 127\.0\.0\.1:\d+ is reachable \(peer \w+ reached it\)", 5)
+    peers = [first, hidden, reachable]
+    finish_with_same_models(peers)
+    for p in peers:
+        s = summary(p)
+        assert s["skipped_rounds"] == 0 and s["bytes_sent"] > 0, p.output()
+
+
 def test_a_swarm_larger_than_a_group_averages_in_random_groups(swarm, text_file):
     """4 peers, groups of 2: every round splits the swarm into two groups, a different split each
     round (matchmaking.partition), and no round is skipped."""

@@ -33,6 +33,7 @@ from ..averaging import AverageResult, SyncKey, span_bounds, weighted_mean
 from ..codecs import CODECS, HEADER, HEADER_BYTES, CodecError, Encoded, from_bytes
 from .gen import p2pdiloco_pb2 as pb
 from .gen import p2pdiloco_pb2_grpc as pb_grpc
+from . import reachability
 from .libp2p import ADDRESS_PREFIX, LibP2PStub
 from .matchmaking import Group
 from .records import PROTOCOL_VERSION
@@ -323,6 +324,14 @@ class Servicer(pb_grpc.AveragingServicer):
     async def _reduce_wire(self, request: tuple, context) -> bytes:
         return await self.reduce(*request, context)
 
+    async def Probe(self, request: pb.ProbeRequest, context) -> pb.ProbeReply:
+        """Dial a joining peer's gRPC address for it, or answer a ping (reachability.py)."""
+        try:
+            self.book.identity.check(request.caller)
+        except Refused as exc:
+            await context.abort(exc.code, str(exc))
+        return await reachability.answer(self.book.identity, request)
+
     async def DownloadState(self, request, context):
         try:
             self.book.identity.check(request.caller)
@@ -358,6 +367,9 @@ def serve(servicer: Servicer, server: grpc.aio.Server) -> None:
         "DownloadState": grpc.unary_stream_rpc_method_handler(
             servicer.DownloadState, request_deserializer=pb.StateRequest.FromString,
             response_serializer=pb.StateChunk.SerializeToString),
+        "Probe": grpc.unary_unary_rpc_method_handler(
+            servicer.Probe, request_deserializer=pb.ProbeRequest.FromString,
+            response_serializer=pb.ProbeReply.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

@@ -38,12 +38,16 @@ async def serve(p2p, servicer) -> None:
         async for chunk in servicer.DownloadState(request, _Context()):
             yield chunk
 
+    async def probe(request: pb.ProbeRequest, _context) -> pb.ProbeReply:
+        return await servicer.Probe(request, _Context())
+
     await p2p.add_protobuf_handler(PREFIX + "Reduce", reduce, pb.ReduceRequest)
     await p2p.add_protobuf_handler(PREFIX + "DownloadState", download, pb.StateRequest, stream_output=True)
+    await p2p.add_protobuf_handler(PREFIX + "Probe", probe, pb.ProbeRequest)
 
 
 class LibP2PStub:
-    """The client side, shaped like the generated gRPC stub (`Reduce`, `DownloadState`)."""
+    """The client side, shaped like the generated gRPC stub (`Reduce`, `DownloadState`, `Probe`)."""
 
     def __init__(self, p2p, address: str):
         from hivemind.p2p import PeerID
@@ -51,9 +55,15 @@ class LibP2PStub:
         self.p2p, self.peer = p2p, PeerID.from_base58(address[len(ADDRESS_PREFIX):])
 
     async def Reduce(self, request: pb.ReduceRequest, timeout: float) -> pb.ReduceReply:
+        return await self._call("Reduce", request, pb.ReduceReply, timeout)
+
+    async def Probe(self, request: pb.ProbeRequest, timeout: float) -> pb.ProbeReply:
+        return await self._call("Probe", request, pb.ProbeReply, timeout)
+
+    async def _call(self, method: str, request, reply_type, timeout: float):
         try:
             return await asyncio.wait_for(
-                self.p2p.call_protobuf_handler(self.peer, PREFIX + "Reduce", request, pb.ReduceReply), timeout)
+                self.p2p.call_protobuf_handler(self.peer, PREFIX + method, request, reply_type), timeout)
         except asyncio.TimeoutError:
             raise LibP2PError(f"DEADLINE_EXCEEDED: no answer within {timeout:.0f}s") from None
         except Exception as exc:

@@ -20,7 +20,7 @@ import grpc
 from ..averaging import AverageResult, Averager, SyncKey
 from ..codecs import Encoded
 from .config import SwarmConfig
-from . import libp2p
+from . import libp2p, reachability
 from .control import ControlConfig, ControlPlane, SwarmStartError
 from .dataplane import Channels, Identity, RoundBook, Servicer, allreduce, channel_options, serve
 from .loop import BackgroundLoop
@@ -38,6 +38,7 @@ class Network:
         self.control: ControlPlane | None = None
         self.server: grpc.aio.Server | None = None
         self.p2p = None
+        self.transport_note = ""  # what --transport auto found (reachability.py)
         self.group_sizes: dict[int, int] = {}  # averages completed, by group size
         self.status = {"state": "joining", "step": 0, "tokens": 0, "tokens_per_s": 0.0, "rounds": {}, "ends_at": 0.0}
         try:
@@ -47,7 +48,8 @@ class Network:
             self.identity = Identity(cfg.run_id, config_hash, self.peer_id, codec)
             self.book = RoundBook(self.identity, cfg.reduce_timeout_s)
             self.channels = Channels(cfg.max_message_bytes)
-            self.address = self.loop.call(self._serve(state_provider), timeout=30)
+            # 30 s to serve, plus reachability.py's probe of at most a DHT read and two peers.
+            self.address = self.loop.call(self._serve(state_provider), timeout=60)
             self.me = Member(self.peer_id, self.address)
             self.publish()
             self._heartbeat = self.loop.submit(self._beat())
@@ -72,9 +74,19 @@ class Network:
         self.p2p = await self.control.dht.replicate_p2p()
         self.channels.p2p = self.p2p
         await libp2p.serve(self.p2p, servicer)
+        mine = f"{self.cfg.announce_host or self.cfg.host}:{port}"
         if self.cfg.transport == "libp2p":
             return f"{libp2p.ADDRESS_PREFIX}{self.peer_id}"
-        return f"{self.cfg.announce_host or self.cfg.host}:{port}"
+        if self.cfg.transport == "auto" and self.cfg.initial_peers:
+            records = await asyncio.get_running_loop().run_in_executor(None, self.control.peers)
+            reachable, why = await reachability.check(self.channels, self.identity, records, mine)
+            self.transport_note = (f"transport auto: {mine} " + {True: "is reachable", None: "was not checked",
+                                                                    False: "is NOT reachable"}[reachable] + f" ({why})")
+            log.info(self.transport_note)
+            if reachable is False:
+                self.transport_note += "; averaging over libp2p instead"
+                return f"{libp2p.ADDRESS_PREFIX}{self.peer_id}"
+        return mine
 
     # ---- the peer record and its heartbeat
     def record(self) -> PeerRecord:

@@ -186,6 +186,8 @@ class Peer:
         try:
             line = self.net.join_line()
             self.out(f"[peer] {self.net.peer_id} serving on {self.net.address}", flush=True)
+            if self.net.transport_note:
+                self.out(f"[peer] {self.net.transport_note}", flush=True)
             self.out(f"[peer] join with: {line}", flush=True)
             if self.swarm.join_dir:
                 # With --announce-host, only that address: a loopback one would lead another

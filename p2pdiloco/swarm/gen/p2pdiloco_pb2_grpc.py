@@ -44,6 +44,11 @@ class AveragingStub:
                 request_serializer=p2pdiloco__pb2.StateRequest.SerializeToString,
                 response_deserializer=p2pdiloco__pb2.StateChunk.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/p2pdiloco.v1.Averaging/Probe',
+                request_serializer=p2pdiloco__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=p2pdiloco__pb2.ProbeReply.FromString,
+                _registered_method=True)
 
 
 class AveragingServicer:
@@ -61,6 +66,12 @@ class AveragingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AveragingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +84,11 @@ def add_AveragingServicer_to_server(servicer, server):
                     servicer.DownloadState,
                     request_deserializer=p2pdiloco__pb2.StateRequest.FromString,
                     response_serializer=p2pdiloco__pb2.StateChunk.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=p2pdiloco__pb2.ProbeRequest.FromString,
+                    response_serializer=p2pdiloco__pb2.ProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +145,33 @@ class Averaging:
             '/p2pdiloco.v1.Averaging/DownloadState',
             p2pdiloco__pb2.StateRequest.SerializeToString,
             p2pdiloco__pb2.StateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pdiloco.v1.Averaging/Probe',
+            p2pdiloco__pb2.ProbeRequest.SerializeToString,
+            p2pdiloco__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,
