@@ -41,6 +41,15 @@ def test_a_port_in_use_is_a_clear_error(text_file):
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
 
 
+def test_a_fragment_too_large_for_one_message_is_refused_at_the_start(text_file):
+    """One fragment of the whole tiny model in fp32: half of it (a span in a group of 2) is 1.6 MiB,
+    over --max-message-mb 1. Said at the start, not as a refused round at every sync."""
+    out = peer_cmd(*TINY, "--data", str(text_file), "--fragments", "1", "--codec", "fp32", "--max-message-mb", "1")
+    assert out.returncode == 2, out.stderr + out.stdout
+    assert "fragment 0 has" in out.stderr and "over --max-message-mb 1" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_a_peer_of_another_config_is_refused_and_the_run_goes_on(swarm, text_file):
     first = swarm.start(*TINY, "--data", str(text_file), "--steps", "100000")
     addr = first.join_address()

@@ -74,9 +74,25 @@ class Peer:
             workers = cfg.workers if swarm.shard >= 0 else 1
             stream = None if swarm.shard >= 0 else int.from_bytes(self.net.peer_id.encode()[-8:], "little")
             self.sampler = ShardSampler(self.corpus, shard, workers, cfg.batch_size, stream=stream)
+            self._check_message_size()
         except BaseException:
             self.net.close()
             raise
+
+    def _check_message_size(self) -> None:
+        """Refuse at the start a run whose largest average cannot travel: a member sends an owner one
+        span of a vector in one message, and in a group of 2 a span is half the vector. Better said now
+        than found as a refused round (RESOURCE_EXHAUSTED) on every sync of that fragment."""
+        w, s, limit = self.worker, self.cfg.streaming, self.swarm.max_message_bytes
+        vectors = [(f"fragment {f}", g.numel(), w.codec) for f, g in enumerate(w.global_params)]
+        if s.mode == "data_parallel" or s.dp_warmup_steps:
+            vectors.append(("the gradient", sum(g.numel() for g in w.global_params), w.grad_codec))
+        for what, numel, codec in vectors:
+            need = codec.nbytes(-(-numel // 2)) + 4096  # the message's other fields: far less than 4 KiB
+            if need > limit:
+                raise ValueError(f"{what} has {numel:,} values: half of it in {codec.name} is a {need / 2**20:,.1f} MiB "
+                                 f"message, over --max-message-mb {self.swarm.max_message_mb}; raise --max-message-mb "
+                                 f"(on every peer of the run), or use more --fragments or a smaller --codec (e3m0)")
 
     # ---- joining
     def join(self) -> None:
