@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import filecmp
+import time
 import subprocess
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def test_the_window_closes_after_the_first_declaration_for_everyone():
     timely, closes = on_time(decl, 5.0)
     assert closes == 105.0 and timely == {"a": "h:1", "b": "h:2", "c": "h:3"}
     assert on_time({"d": ("h:4", 105.01)}, 5.0)[0] == {"d": "h:4"}  # alone, d opens its own window
+    # a stale declaration (a run restarted under the same id) does not close the window for all
+    stale = {"old": ("h:9", 100.0 - 300), **decl}
+    assert on_time(stale, 5.0, mine=103.0) == (timely, closes)
 
 
 class _SharedRound:
@@ -91,9 +95,10 @@ class _SharedRound:
         def __init__(self, shared, peer_id):
             self.shared, self.peer_id = shared, peer_id
 
-        def declare(self, key, value, ttl_s, at):
+        def declare(self, key, value, ttl_s):
+            at = time.time()
             self.shared.entries.setdefault(key, {})[self.peer_id] = (value, at)
-            return True
+            return at
 
         def declarations(self, key, ttl_s):
             return dict(self.shared.entries.get(key, {}))

@@ -87,12 +87,15 @@ class ControlPlane:
                 out.append(rec)
         return sorted(out, key=lambda r: r.peer_id)
 
-    def declare(self, key: str, value: str, ttl_s: float, at: float | None = None) -> bool:
-        """Store `value` under `key`, subkey this peer, declared at DHT time `at` (default: now): the
-        entry expires at `at + ttl_s`, so readers recover `at` from its expiry (`declarations`)."""
+    def declare(self, key: str, value: str, ttl_s: float) -> float:
+        """Store `value` under `key`, subkey this peer, and return the DHT time it was declared at:
+        the entry expires at that time + `ttl_s`, so readers recover it (`declarations`). Stamped
+        right before the store, not when the call was queued."""
         full = f"p2pdiloco/{self.cfg.run_id}/{key}"
-        at = dht_time() if at is None else at
-        return bool(self._wait(self.dht.store(full, value, at + ttl_s, subkey=self.peer_id, return_future=True)))
+        at = dht_time()
+        if not self._wait(self.dht.store(full, value, at + ttl_s, subkey=self.peer_id, return_future=True)):
+            log.debug("the DHT did not take the declaration %s", key)
+        return at
 
     def declared(self, key: str) -> dict[str, str]:
         return {k: value for k, (value, _) in self.declarations(key, 0.0).items()}

@@ -14,6 +14,9 @@ from .gen import p2pdiloco_pb2 as pb
 
 PREFIX = "p2pdiloco.v1.Averaging."
 ADDRESS_PREFIX = "p2p:"
+# hivemind's p2pd carries a unary call in one message of at most 4 MiB (its persistent-connection
+# limit): a peer on this transport must have spans that fit (peer.py checks at the start).
+MAX_MESSAGE_BYTES = 4 << 20
 
 
 class LibP2PError(RuntimeError):

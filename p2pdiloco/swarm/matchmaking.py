@@ -16,8 +16,10 @@ swarm larger than a group regroups at random every round and averages mix across
 without a global barrier. Peers that read the same set compute the same groups; a peer that read
 a different set (a declaration slower to store than SETTLE_S, clocks further apart than that)
 carries a different `group_id`, and the owners refuse its parts (that round is then skipped for
-it, logged). The stamps are DHT time (the wall clock): peers' clocks must agree to well under
-SETTLE_S, as NTP keeps them.
+it, logged). That also happens when peers return early on different views of who is live (a
+newcomer some peers already list and others do not): the shared close makes the late case
+consistent, not that one. The stamps are DHT time (the wall clock): peers' clocks must agree to
+well under SETTLE_S, as NTP keeps them.
 """
 from __future__ import annotations
 
@@ -82,9 +84,18 @@ class LateForRound(RuntimeError):
 SETTLE_S = 1.0
 
 
-def on_time(declarations: dict[str, tuple[str, float]], window_s: float) -> tuple[dict[str, str], float]:
+# Declarations stamped this long before mine are not of this round: a run restarted under the same
+# run id within the entries' TTL, or a peer whose clock is far behind. Were they counted, they
+# would close the window for every peer at once.
+STALE_S = 60.0
+
+
+def on_time(declarations: dict[str, tuple[str, float]], window_s: float,
+            mine: float | None = None) -> tuple[dict[str, str], float]:
     """The declarations stamped within `window_s` of the first one (peer id → address), and when
-    that window closes."""
+    that window closes; stamps more than STALE_S before `mine` do not count."""
+    if mine is not None:
+        declarations = {p: d for p, d in declarations.items() if d[1] >= mine - STALE_S}
     closes = min(at for _, at in declarations.values()) + window_s
     return {p: address for p, (address, at) in declarations.items() if at <= closes}, closes
 
@@ -100,13 +111,12 @@ async def form_group(control, key: SyncKey, me: Member, expected, group_size: in
     loop = asyncio.get_running_loop()
     start = time.monotonic()
     rkey = round_key(key)
-    mine = clock()
-    await loop.run_in_executor(None, control.declare, rkey, me.address, ttl_s, mine)
+    mine = await loop.run_in_executor(None, control.declare, rkey, me.address, ttl_s)
     want = set(await loop.run_in_executor(None, expected)) | {me.peer_id}
     while True:
         declarations = await loop.run_in_executor(None, control.declarations, rkey, ttl_s)
         declarations[me.peer_id] = (me.address, mine)  # my own store may not be readable yet
-        timely, closes = on_time(declarations, window_s)
+        timely, closes = on_time(declarations, window_s, mine)
         if mine > closes:
             raise LateForRound(f"{key.kind} {key.index} round {key.round}: declared {mine - closes:.2f}s after its "
                                f"window closed ({window_s:.0f}s after the first peer); the others average without me")

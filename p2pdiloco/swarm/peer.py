@@ -25,7 +25,7 @@ from ..model import Transformer, model_config
 from ..simulate import SimConfig, _check_vocab, evaluate, write_json
 from ..schedule import ClockSchedule
 from ..streaming import Worker
-from . import joindir
+from . import joindir, libp2p
 from .config import SwarmConfig
 from .control import SwarmStartError
 from .network import Network
@@ -83,16 +83,22 @@ class Peer:
         """Refuse at the start a run whose largest average cannot travel: a member sends an owner one
         span of a vector in one message, and in a group of 2 a span is half the vector. Better said now
         than found as a refused round (RESOURCE_EXHAUSTED) on every sync of that fragment."""
-        w, s, limit = self.worker, self.cfg.streaming, self.swarm.max_message_bytes
-        vectors = [(f"fragment {f}", g.numel(), w.codec) for f, g in enumerate(w.global_params)]
+        w, s = self.worker, self.cfg.streaming
+        limit, cap = self.swarm.max_message_bytes, f"--max-message-mb {self.swarm.max_message_mb}"
+        fix = "raise --max-message-mb (on every peer of the run), or use more --fragments or a smaller --codec (e3m0)"
+        if self.net.address.startswith(libp2p.ADDRESS_PREFIX) and libp2p.MAX_MESSAGE_BYTES < limit:
+            limit, cap = libp2p.MAX_MESSAGE_BYTES, "the 4 MiB a message can carry on the libp2p transport"
+            fix = ("use more --fragments or a smaller --codec (e3m0), or make this peer reachable for gRPC "
+                   "(--transport grpc, --port, --announce-host)")
+        vectors = [] if s.mode == "data_parallel" else [(f"fragment {f}", g.numel(), w.codec)
+                                                        for f, g in enumerate(w.global_params)]
         if s.mode == "data_parallel" or s.dp_warmup_steps:
             vectors.append(("the gradient", sum(g.numel() for g in w.global_params), w.grad_codec))
         for what, numel, codec in vectors:
             need = codec.nbytes(-(-numel // 2)) + 4096  # the message's other fields: far less than 4 KiB
             if need > limit:
                 raise ValueError(f"{what} has {numel:,} values: half of it in {codec.name} is a {need / 2**20:,.1f} MiB "
-                                 f"message, over --max-message-mb {self.swarm.max_message_mb}; raise --max-message-mb "
-                                 f"(on every peer of the run), or use more --fragments or a smaller --codec (e3m0)")
+                                 f"message, over {cap}; {fix}")
 
     # ---- joining
     def join(self) -> None:
@@ -264,6 +270,7 @@ class Peer:
             w.flush()
             if w.missed:  # a final round failed here: take the swarm's copy if anyone has it
                 self._catch_up(urgent=True)
+        status.update(step=w.step, tokens=w.tokens, rounds=dict(w.applied_rounds))
         self._report(loss)
         wall = time.perf_counter() - start
         after = evaluate(w.load_global_into(self.eval_model), self.val)

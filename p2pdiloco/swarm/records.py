@@ -17,7 +17,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-PROTOCOL_VERSION = 1
+# 2: matchmaking windows close after a round's first declaration; time-budget final rounds; Probe.
+PROTOCOL_VERSION = 2
 STATES = ("joining", "training", "left")
 
 

@@ -157,6 +157,10 @@ class NetnsBed:
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 pass
+        # Forget what is stopped: once reaped, its pid (and so its group id) may be reused by an
+        # unrelated process, which a later close() must never signal.
+        gone = {p.pid for p in procs if p.poll() is not None and not live_members({p.pid})}
+        self._procs = [p for p in self._procs if p.pid not in gone]
 
     def wire_cpu_s(self) -> float:
         """CPU seconds the userspace switch has used so far (0 with netem): its share of the machine."""

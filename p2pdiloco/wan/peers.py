@@ -74,10 +74,15 @@ class BedPeer:
 def start_peers(bed: NetnsBed, args_for, workdir: Path, echo, join_timeout_s: float = 120.0) -> list[BedPeer]:
     """One peer per namespace, with the options `args_for(i)`: the first starts the run, the others
     join through its join line."""
-    first = BedPeer(bed, 0, args_for(0), workdir / "p0", echo)
-    extra = ["--initial-peers", first.join_address(join_timeout_s)]
-    return [first] + [BedPeer(bed, i, [*args_for(i), *extra], workdir / f"p{i}", echo)
-                      for i in range(1, len(bed.namespaces))]
+    started = [BedPeer(bed, 0, args_for(0), workdir / "p0", echo)]
+    try:
+        extra = ["--initial-peers", started[0].join_address(join_timeout_s)]
+        for i in range(1, len(bed.namespaces)):
+            started.append(BedPeer(bed, i, [*args_for(i), *extra], workdir / f"p{i}", echo))
+    except BaseException:  # a failed start must not leave the first peer running into what comes next
+        bed.stop([p.proc for p in started], grace_s=5)
+        raise
+    return started
 
 
 def wait_peers(peers: list[BedPeer], timeout_s: float) -> list[str]:
