@@ -175,6 +175,19 @@ def test_peers_on_the_libp2p_transport_average_with_grpc_peers(swarm, text_file)
         assert s["skipped_rounds"] == 0 and s["bytes_sent"] > 0, p.output()
 
 
+def test_the_libp2p_transport_carries_spans_larger_than_p2pds_message_limit(swarm, text_file):
+    """p2pd carries a unary call in at most 4 MiB; Reduce goes over a libp2p stream instead. The mini
+    model as one fp32 fragment: a span is 2.4M values, 9.6 MB, each way."""
+    args = [*TINY, "--model", "mini", "--fragments", "1", "--codec", "fp32", "--H", "3", "--data", str(text_file),
+            "--steps", "6", "--wait-for-peers", "2", "--json", "s.json"]
+    first = swarm.start(*args, "--transport", "libp2p")
+    peers = [first, swarm.start(*args, "--transport", "grpc", "--initial-peers", first.join_address())]
+    finish_with_same_models(peers)
+    for p in peers:
+        s = summary(p)
+        assert s["skipped_rounds"] == 0 and s["peak_sync_bytes"] > 2 * (4 << 20), (s, p.output())
+
+
 def test_transport_auto_announces_libp2p_when_others_cannot_reach_its_grpc_address(swarm, text_file):
     """--transport auto (the default) asks a live peer to dial the gRPC address it would announce.
     A peer whose announced address does not reach it (here --announce-host 127.0.0.3 while it

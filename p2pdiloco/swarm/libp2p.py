@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
+
 from .gen import p2pdiloco_pb2 as pb
 
 PREFIX = "p2pdiloco.v1.Averaging."
 ADDRESS_PREFIX = "p2p:"
-# hivemind's p2pd carries a unary call in one message of at most 4 MiB (its persistent-connection
-# limit): a peer on this transport must have spans that fit (peer.py checks at the start).
-MAX_MESSAGE_BYTES = 4 << 20
 
 
 class LibP2PError(RuntimeError):
@@ -33,9 +32,15 @@ class _Context:
         raise LibP2PError(f"{code.name}: {details}")
 
 
-async def serve(p2p, servicer) -> None:
-    async def reduce(request: pb.ReduceRequest, _context) -> pb.ReduceReply:
-        return await servicer.Reduce(request, _Context())
+async def serve(p2p, servicer, max_message_bytes: int) -> None:
+    # Reduce travels on a libp2p stream, one message each way: p2pd caps a unary call's message at
+    # 4 MiB, far below a span of a large fragment; a stream's messages have no such cap, so the size
+    # is checked here, as gRPC checks `--max-message-mb`.
+    async def reduce(request: pb.ReduceRequest, _context):
+        if request.ByteSize() > max_message_bytes:
+            await _Context().abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a Reduce of {request.ByteSize():,} bytes is over "
+                                   f"this peer's --max-message-mb ({max_message_bytes:,} bytes)")
+        yield await servicer.Reduce(request, _Context())
 
     async def download(request: pb.StateRequest, _context):
         async for chunk in servicer.DownloadState(request, _Context()):
@@ -44,7 +49,7 @@ async def serve(p2p, servicer) -> None:
     async def probe(request: pb.ProbeRequest, _context) -> pb.ProbeReply:
         return await servicer.Probe(request, _Context())
 
-    await p2p.add_protobuf_handler(PREFIX + "Reduce", reduce, pb.ReduceRequest)
+    await p2p.add_protobuf_handler(PREFIX + "ReduceStream", reduce, pb.ReduceRequest, stream_output=True)
     await p2p.add_protobuf_handler(PREFIX + "DownloadState", download, pb.StateRequest, stream_output=True)
     await p2p.add_protobuf_handler(PREFIX + "Probe", probe, pb.ProbeRequest)
 
@@ -58,7 +63,21 @@ class LibP2PStub:
         self.p2p, self.peer = p2p, PeerID.from_base58(address[len(ADDRESS_PREFIX):])
 
     async def Reduce(self, request: pb.ReduceRequest, timeout: float) -> pb.ReduceReply:
-        return await self._call("Reduce", request, pb.ReduceReply, timeout)
+        async def one_reply() -> pb.ReduceReply:
+            replies = await self.p2p.iterate_protobuf_handler(self.peer, PREFIX + "ReduceStream", request,
+                                                              pb.ReduceReply)
+            async for reply in replies:
+                return reply
+            raise LibP2PError("UNAVAILABLE: the peer closed the stream without a reply")
+
+        try:
+            return await asyncio.wait_for(one_reply(), timeout)
+        except asyncio.TimeoutError:
+            raise LibP2PError(f"DEADLINE_EXCEEDED: no answer within {timeout:.0f}s") from None
+        except LibP2PError:
+            raise
+        except Exception as exc:
+            raise LibP2PError(str(exc)) from None
 
     async def Probe(self, request: pb.ProbeRequest, timeout: float) -> pb.ProbeReply:
         return await self._call("Probe", request, pb.ProbeReply, timeout)

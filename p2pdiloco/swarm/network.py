@@ -73,7 +73,7 @@ class Network:
         # Every peer also serves (and can call) the libp2p transport, on the DHT's own daemon.
         self.p2p = await self.control.dht.replicate_p2p()
         self.channels.p2p = self.p2p
-        await libp2p.serve(self.p2p, servicer)
+        await libp2p.serve(self.p2p, servicer, self.cfg.max_message_bytes)
         mine = f"{self.cfg.announce_host or self.cfg.host}:{port}"
         if self.cfg.transport == "libp2p":
             return f"{libp2p.ADDRESS_PREFIX}{self.peer_id}"

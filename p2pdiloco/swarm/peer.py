@@ -25,7 +25,7 @@ from ..model import Transformer, model_config
 from ..simulate import SimConfig, _check_vocab, evaluate, write_json
 from ..schedule import ClockSchedule
 from ..streaming import Worker
-from . import joindir, libp2p
+from . import joindir
 from .config import SwarmConfig
 from .control import SwarmStartError
 from .network import Network
@@ -86,10 +86,6 @@ class Peer:
         w, s = self.worker, self.cfg.streaming
         limit, cap = self.swarm.max_message_bytes, f"--max-message-mb {self.swarm.max_message_mb}"
         fix = "raise --max-message-mb (on every peer of the run), or use more --fragments or a smaller --codec (e3m0)"
-        if self.net.address.startswith(libp2p.ADDRESS_PREFIX) and libp2p.MAX_MESSAGE_BYTES < limit:
-            limit, cap = libp2p.MAX_MESSAGE_BYTES, "the 4 MiB a message can carry on the libp2p transport"
-            fix = ("use more --fragments or a smaller --codec (e3m0), or make this peer reachable for gRPC "
-                   "(--transport grpc, --port, --announce-host)")
         vectors = [] if s.mode == "data_parallel" else [(f"fragment {f}", g.numel(), w.codec)
                                                         for f, g in enumerate(w.global_params)]
         if s.mode == "data_parallel" or s.dp_warmup_steps:
