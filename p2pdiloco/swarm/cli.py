@@ -24,9 +24,10 @@ SWARM_OPTIONS: list[tuple[str, str, dict]] = [
     ("--identity", "identity_path", {"metavar": "FILE", "help": "libp2p key file for a stable peer id"}),
     ("--join-dir", "join_dir", {"metavar": "DIR", "help": "shared folder of live peers' addresses: publish this "
                                 "peer's there, and join through them when no --initial-peers are given"}),
-    ("--transport", "transport", {"choices": ["auto", "grpc", "libp2p"]}),
+    ("--transport", "transport", {"choices": ["auto", "grpc", "libp2p"], "help": "how others reach this peer; "
+                                  "auto (default): gRPC if a live peer can dial it, else libp2p"}),
     ("--group-size", "group_size", {"type": int}),
-    ("--matchmaking-timeout", "matchmaking_s", {"type": float, "help": "seconds to wait for peers to declare a round"}),
+    ("--matchmaking-timeout", "matchmaking_s", {"type": float, "help": "a round's window, in seconds from its first declaration (default 5)"}),
     ("--reduce-timeout", "reduce_timeout_s", {"type": float, "help": "seconds to wait for parts and answers"}),
     ("--heartbeat", "heartbeat_s", {"type": float}),
     ("--record-ttl", "record_ttl_s", {"type": float}),
