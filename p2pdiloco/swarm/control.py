@@ -11,6 +11,7 @@ Keys (all under `p2pdiloco/<run_id>/`):
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -38,16 +39,29 @@ def dht_time() -> float:
     return get_dht_time()
 
 
+def _watched_dht_class():
+    """hivemind's DHT, whose process (and its p2pd) ends when the peer process is killed (watchdog.py)."""
+    import hivemind
+
+    from .watchdog import die_with_parent
+
+    class WatchedDHT(hivemind.DHT):
+        def run(self) -> None:
+            die_with_parent(self._peer_pid)
+            super().run()
+
+    WatchedDHT._peer_pid = os.getpid()
+    return WatchedDHT
+
+
 class ControlPlane:
     def __init__(self, cfg: ControlConfig):
-        import hivemind
-
         self.cfg = cfg
         kwargs = {"host_maddrs": [f"/ip4/{cfg.host}/tcp/{cfg.port}"], "wait_timeout": cfg.dht_timeout_s}
         if cfg.identity_path:
             kwargs["identity_path"] = cfg.identity_path
         try:
-            self.dht = hivemind.DHT(initial_peers=list(cfg.initial_peers), start=True, **kwargs)
+            self.dht = _watched_dht_class()(initial_peers=list(cfg.initial_peers), start=True, **kwargs)
         except Exception as exc:  # hivemind raises P2PDaemonError, ValueError or a bare Exception
             hint = ("check that a peer of the run is alive at that address (`p2pdiloco status`)"
                     if cfg.initial_peers else f"check that {cfg.host}:{cfg.port} is a free local address")
