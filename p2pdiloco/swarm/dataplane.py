@@ -442,8 +442,10 @@ class Channels:
 
 
 async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: Encoded, weight: float,
-                    timeout_s: float) -> AverageResult:
-    """Average `encoded` within `group`; raises if any span's owner cannot answer within timeout_s."""
+                    timeout_s: float, out: torch.Tensor | None = None) -> AverageResult:
+    """Average `encoded` within `group`; raises if any span's owner cannot answer within timeout_s.
+    The mean is written into `out` when it has the right size (a buffer reused from an earlier
+    average: a fresh 40 MB one costs more in page faults than decoding into it)."""
     spans = span_bounds(encoded.numel, group.size, encoded.codec.align)
     caller = book.identity.caller()
     sent = 0
@@ -481,7 +483,8 @@ async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: 
             raise RuntimeError(f"span {i} owned by {who[-8:]} failed: {detail}") from None
     replies = [r if i != me else r[0] for i, r in enumerate(results)]
     sent += results[me][1]
-    mean, participants, total = torch.empty(encoded.numel, dtype=torch.float32), set(), 0.0
+    fits = out is not None and out.numel() == encoded.numel and out.dtype == torch.float32
+    mean, participants, total = out if fits else torch.empty(encoded.numel, dtype=torch.float32), set(), 0.0
     for i, (reply, payload) in enumerate(replies):
         enc = parse_payload(payload)
         lo, hi = spans[i]

@@ -16,6 +16,7 @@ import random
 from concurrent.futures import Future
 
 import grpc
+import torch
 
 from ..averaging import AverageResult, Averager, SyncKey
 from ..codecs import Encoded
@@ -39,6 +40,7 @@ class Network:
         self.server: grpc.aio.Server | None = None
         self.p2p = None
         self.transport_note = ""  # what --transport auto found (reachability.py)
+        self._spare_means: dict[tuple[str, int], torch.Tensor] = {}  # see average()
         self.group_sizes: dict[int, int] = {}  # averages completed, by group size
         self.status = {"state": "joining", "step": 0, "tokens": 0, "tokens_per_s": 0.0, "rounds": {}, "ends_at": 0.0}
         try:
@@ -137,7 +139,13 @@ class Network:
     async def average(self, key: SyncKey, encoded: Encoded, weight: float) -> AverageResult:
         c = self.cfg
         group = await form_group(self.control, key, self.me, self.training_peers, c.group_size, c.matchmaking_s)
-        result = await allreduce(self.book, self.channels, group, encoded, weight, c.reduce_timeout_s)
+        # The mean is decoded into the previous mean of the same fragment: the engine is done with a
+        # mean before it submits that fragment's next average (streaming.py settles it first). An
+        # average still running after its caller gave up took the buffer with it; this one then
+        # gets a fresh one.
+        spare = self._spare_means.pop((key.kind, key.index), None)
+        result = await allreduce(self.book, self.channels, group, encoded, weight, c.reduce_timeout_s, out=spare)
+        self._spare_means[(key.kind, key.index)] = result.mean
         self.group_sizes[group.size] = self.group_sizes.get(group.size, 0) + 1
         log.debug("%s %d round %d: averaged with %d peer(s) (matchmaking %.2fs)", key.kind, key.index, key.round,
                  len(result.participants), group.waited_s)
