@@ -50,8 +50,8 @@ class Network:
             self.identity = Identity(cfg.run_id, config_hash, self.peer_id, codec)
             self.book = RoundBook(self.identity, cfg.reduce_timeout_s)
             self.channels = Channels(cfg.max_message_bytes)
-            # 30 s to serve, plus reachability.py's probe of at most a DHT read and two peers.
-            self.address = self.loop.call(self._serve(state_provider), timeout=60)
+            # 30 s to serve, plus reachability.py's probe: twice at most a DHT read (15 s) and two peers.
+            self.address = self.loop.call(self._serve(state_provider), timeout=120)
             self.me = Member(self.peer_id, self.address)
             self.publish()
             self._heartbeat = self.loop.submit(self._beat())
@@ -80,8 +80,12 @@ class Network:
         if self.cfg.transport == "libp2p":
             return f"{libp2p.ADDRESS_PREFIX}{self.peer_id}"
         if self.cfg.transport == "auto" and self.cfg.initial_peers:
-            records = await asyncio.get_running_loop().run_in_executor(None, self.control.peers)
-            reachable, why = await reachability.check(self.channels, self.identity, records, mine)
+            for attempt in range(2):  # a second opinion before giving up on gRPC: probers may be busy
+                records = await asyncio.get_running_loop().run_in_executor(None, self.control.peers)
+                reachable, why = await reachability.check(self.channels, self.identity, records, mine)
+                if reachable or attempt:
+                    break
+                await asyncio.sleep(reachability.RETRY_AFTER_S)
             self.transport_note = (f"transport auto: {mine} " + {True: "is reachable", None: "was not checked",
                                                                     False: "is NOT reachable"}[reachable] + f" ({why})")
             log.info(self.transport_note)

@@ -9,7 +9,8 @@ its libp2p address `p2p:<peer id>` and others average with it through the DHT's 
 (no live peer yet, an older peer, a timeout): it announces gRPC, as before probing existed, and
 says so. The first peer of a run has nobody to ask and announces gRPC.
 
-Not reachable means no prober reached it (one that could not dial out does not decide alone).
+Not reachable means no prober reached it (one that could not dial out does not decide alone), in
+two attempts `RETRY_AFTER_S` apart (a prober on a loaded machine may time out once).
 Timeouts: the prober's dial and ping take at most `PING_TIMEOUT_S`; the asking peer waits at most
 `PROBE_TIMEOUT_S` for each of at most `MAX_PROBERS` peers. A prober dials only `host:port`
 addresses, at most 4 at once, and reports only gRPC's status code of a failed dial.
@@ -28,9 +29,10 @@ from .gen import p2pdiloco_pb2_grpc as pb_grpc
 
 log = logging.getLogger("p2pdiloco.network")
 
-PING_TIMEOUT_S = 3.0
+PING_TIMEOUT_S = 5.0
 PROBE_TIMEOUT_S = PING_TIMEOUT_S + 3.0
 MAX_PROBERS = 2
+RETRY_AFTER_S = 1.0  # network.py asks a second time, after this, before it gives up on gRPC
 
 
 # What a peer may be asked to dial: host:port and nothing else (no unix: sockets, no dns:/// or
