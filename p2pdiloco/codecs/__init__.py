@@ -13,7 +13,7 @@ from .e3m0 import E3M0Codec
 from .simple import CastCodec, Int8Codec
 
 __all__ = ["HEADER", "HEADER_BYTES", "CODECS", "Codec", "CodecError", "Encoded", "CastCodec", "Int8Codec",
-           "E3M0Codec", "get_codec", "from_bytes"]
+           "E3M0Codec", "get_codec", "from_bytes", "parse_header"]
 
 CODECS: dict[str, Codec] = {
     "fp32": CastCodec("fp32", 1, torch.float32),
@@ -31,8 +31,8 @@ def get_codec(name: str) -> Codec:
     return CODECS[name]
 
 
-def from_bytes(payload: bytes) -> Encoded:
-    """Parse a wire payload (header included); raises CodecError on anything malformed."""
+def parse_header(payload) -> tuple[Codec, int, memoryview]:
+    """(codec, numel, the bytes after the header) of a wire payload; CodecError if it is malformed."""
     if len(payload) < HEADER_BYTES:
         raise CodecError(f"payload of {len(payload)} bytes is shorter than the {HEADER_BYTES}-byte header")
     codec_id, block_log2, _, numel = HEADER.unpack_from(payload)
@@ -41,4 +41,10 @@ def from_bytes(payload: bytes) -> Encoded:
         raise CodecError(f"payload names unknown codec id {codec_id}")
     if codec.block != 1 << block_log2:
         raise CodecError(f"{codec.name} payload uses block {1 << block_log2}, this peer uses {codec.block}")
-    return codec.from_bytes(memoryview(payload)[HEADER_BYTES:], numel)
+    return codec, numel, memoryview(payload)[HEADER_BYTES:]
+
+
+def from_bytes(payload: bytes) -> Encoded:
+    """Parse a wire payload (header included); raises CodecError on anything malformed."""
+    codec, numel, body = parse_header(payload)
+    return codec.from_bytes(body, numel)

@@ -30,7 +30,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from ..averaging import AverageResult, SyncKey, span_bounds, weighted_mean
-from ..codecs import CODECS, HEADER, HEADER_BYTES, CodecError, Encoded, from_bytes
+from ..codecs import HEADER, HEADER_BYTES, CodecError, Encoded, from_bytes, parse_header
 from .gen import p2pdiloco_pb2 as pb
 from .gen import p2pdiloco_pb2_grpc as pb_grpc
 from . import reachability
@@ -51,7 +51,6 @@ log = logging.getLogger("p2pdiloco.dataplane")
 # order on the wire, and of a singular field that appears twice the last one wins, as in protobuf.)
 
 REQUEST_PAYLOAD, REPLY_PAYLOAD = 7, 1  # field numbers of ReduceRequest.payload and ReduceReply.payload
-_CODECS_BY_ID = {c.codec_id: c for c in CODECS.values()}
 _NO_BYTES = memoryview(b"")
 
 
@@ -121,15 +120,7 @@ def split_payload(data: bytes, field_number: int, message_type):
 def parse_payload(payload) -> Encoded:
     """`codecs.from_bytes` without its copy: the tensors view `payload` (a received message, which
     nothing writes to; they are only read). Same checks, same errors."""
-    if len(payload) < HEADER_BYTES:
-        raise CodecError(f"payload of {len(payload)} bytes is shorter than the {HEADER_BYTES}-byte header")
-    codec_id, block_log2, _, numel = HEADER.unpack_from(payload)
-    codec = _CODECS_BY_ID.get(codec_id)
-    if codec is None:
-        raise CodecError(f"payload names unknown codec id {codec_id}")
-    if codec.block != 1 << block_log2:
-        raise CodecError(f"{codec.name} payload uses block {1 << block_log2}, this peer uses {codec.block}")
-    body = memoryview(payload)[HEADER_BYTES:]
+    codec, numel, body = parse_header(payload)
     expected = codec.nbytes(numel) - HEADER_BYTES
     if len(body) != expected:
         raise CodecError(f"{codec.name} payload of {numel} values must be {expected} bytes, got {len(body)}")
