@@ -1,8 +1,10 @@
 """`p2pdiloco bench allreduce`: one average of the same fp32 vector across N peer processes, four ways.
 
 Every method runs in its own set of N spawned processes over loopback (127.0.0.1 only):
-- p2pdiloco_fp32 / p2pdiloco_e3m0: this project's gRPC data plane (swarm/dataplane.py), no DHT; the
-  time includes encoding the vector and decoding the mean;
+- p2pdiloco_fp32 / p2pdiloco_e3m0: this project's data plane as peers run it (swarm/dataplane.py,
+  Reduce on the bulk port of swarm/bulk.py), no DHT; the time includes encoding the vector and
+  decoding the mean; p2pdiloco_grpc_fp32 / p2pdiloco_grpc_e3m0 (not run by default): the same with
+  Reduce over gRPC, as with --bulk-port -1;
 - gloo: torch.distributed all_reduce(SUM) / N (rendezvous through a FileStore, sockets on `lo`);
 - hivemind: DecentralizedAverager over a hivemind DHT, matchmaking included (that is its real cost).
 
@@ -30,6 +32,7 @@ import torch
 from .simulate import write_json
 
 METHODS = ("p2pdiloco_fp32", "p2pdiloco_e3m0", "gloo", "hivemind")
+EXTRA_METHODS = ("p2pdiloco_grpc_fp32", "p2pdiloco_grpc_e3m0")
 RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|bps|kbps|mbps|gbps)$", re.IGNORECASE)
 _RATE_BYTES = {"bit": 1 / 8, "kbit": 125, "mbit": 125e3, "gbit": 125e6, "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9}
 FP32_TOL, E3M0_REL_TOL = 1e-5, 0.35
@@ -56,14 +59,13 @@ def peer_tensor(rank: int, numel: int) -> torch.Tensor:
 
 # ---- the methods, each a generator: set up, yield (reset, average), tear down
 @contextmanager
-def _p2pdiloco(codec_name, rank, peers, x, rendezvous, timeout):
-    import grpc
-
+def _p2pdiloco(codec_name, bulk, rank, peers, x, rendezvous, timeout):
     from .averaging import SyncKey
     from .codecs import get_codec
-    from .swarm.dataplane import Channels, Identity, RoundBook, Servicer, allreduce, channel_options, serve
+    from .swarm.dataplane import Channels, Identity, RoundBook, Servicer, allreduce
     from .swarm.loop import BackgroundLoop
     from .swarm.matchmaking import make_group
+    from .swarm.servers import Servers, address
 
     codec, max_bytes = get_codec(codec_name), max(256 << 20, x.numel() * 4 + (1 << 20))
     identity = Identity("bench", "bench", f"peer-{rank}", codec_name)
@@ -75,20 +77,16 @@ def _p2pdiloco(codec_name, rank, peers, x, rendezvous, timeout):
 
     async def start():
         state["channels"] = Channels(max_bytes)  # channels belong to the loop: make them on it
-        state["server"] = server = grpc.aio.server(options=channel_options(max_bytes))
-        serve(Servicer(book, no_state), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return port
+        state["servers"] = Servers(Servicer(book, no_state), max_bytes, timeout)
+        return address("127.0.0.1", *await state["servers"].start("127.0.0.1", 0, 0 if bulk else -1))
 
     async def stop():
-        if "server" in state:
-            await state["server"].stop(grace=1.0)
+        if "servers" in state:
+            await state["servers"].stop()
             await state["channels"].close()
 
     try:
-        port = loop.call(start(), timeout=30)
-        declared = dict(rendezvous((identity.peer_id, f"127.0.0.1:{port}")))
+        declared = dict(rendezvous((identity.peer_id, loop.call(start(), timeout=30))))
 
         def average(r):  # as a peer does (network.py): the mean reuses the previous one's buffer
             group = make_group(SyncKey("fragment", 0, r), declared, identity.peer_id, group_size=peers)
@@ -174,7 +172,7 @@ def _worker(method, rank, peers, numel, repeats, timeout, up, down, barrier, sto
             return down.get(timeout=timeout)
 
         if method.startswith("p2pdiloco_"):
-            runner = _p2pdiloco(method.split("_", 1)[1], rank, peers, x, rendezvous, timeout)
+            runner = _p2pdiloco(method.rsplit("_", 1)[1], "_grpc_" not in method, rank, peers, x, rendezvous, timeout)
         elif method == "gloo":
             runner = _gloo(rank, peers, x, rendezvous, timeout, store_path)
         else:
@@ -295,8 +293,8 @@ def shaped_loopback(rate: str | None):
 def run_allreduce_bench(peers: int, numel: int, json_path: str, repeats: int = 5, bandwidth: str | None = None,
                         methods=METHODS, progress=print) -> dict:
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"--methods: '{m}' is unknown; choose from {', '.join(METHODS)}")
+        if m not in METHODS + EXTRA_METHODS:
+            raise ValueError(f"--methods: '{m}' is unknown; choose from {', '.join(METHODS + EXTRA_METHODS)}")
     if peers < 2 or numel < peers or repeats < 1:
         raise ValueError("--peers must be ≥ 2, --numel ≥ --peers and --repeats ≥ 1")
     rate = rate_bytes_per_s(bandwidth) if bandwidth else 20e6  # a slow loaded 2-core host moves ≥ 20 MB/s
@@ -334,13 +332,13 @@ def cli(args) -> int:
         print(f"p2pdiloco: error: {exc}", file=sys.stderr)
         return 2
     base = (result["methods"].get("gloo") or {}).get("seconds")
-    print(f"{'method':16s} {'seconds':>9s} {'vs gloo':>8s} {'bytes/peer':>14s} {'max err':>9s} {'rel err':>8s}")
+    print(f"{'method':19s} {'seconds':>9s} {'vs gloo':>8s} {'bytes/peer':>14s} {'max err':>9s} {'rel err':>8s}")
     for name, m in result["methods"].items():
         if m["seconds"] is None:
-            print(f"{name:16s} FAILED: {m['error'].splitlines()[-1]}")
+            print(f"{name:19s} FAILED: {m['error'].splitlines()[-1]}")
             continue
         ratio = f"{m['seconds'] / base:8.2f}" if base else f"{'-':>8s}"
-        print(f"{name:16s} {m['seconds']:9.3f} {ratio} {m['bytes_sent_per_peer']:14,d} {m['max_abs_error']:9.2e} "
+        print(f"{name:19s} {m['seconds']:9.3f} {ratio} {m['bytes_sent_per_peer']:14,d} {m['max_abs_error']:9.2e} "
               f"{m['max_rel_error']:8.4f}" + (f"  CHECK FAILED: {m['error']}" if m["error"] else ""))
     print(f"{result['peers']} peers, {result['numel']:,} values, median of {result['repeats']}; "
           f"{result['wall_s']:.1f}s; results in {args.json}")

@@ -72,7 +72,8 @@ def test_three_peers_train_and_end_with_the_same_global_parameters(swarm, text_f
 
 
 def test_networked_run_equals_simulate_with_fp32(swarm, text_file):
-    """Lock-step: fp32, fixed shards, every round with all peers: the same numbers as the simulator."""
+    """Lock-step: fp32, fixed shards, every round with all peers: the same numbers as the simulator,
+    whether Reduce travels on the bulk port or over gRPC."""
     from p2pdiloco.config import build
     from p2pdiloco.simulate import SimConfig, Simulation
 
@@ -80,7 +81,10 @@ def test_networked_run_equals_simulate_with_fp32(swarm, text_file):
     args = [*TINY, *common, "--wait-for-peers", "3", "--json", "s.json"]
     first = swarm.start(*args, "--shard", "0")
     addr = first.join_address()
-    peers = [first] + [swarm.start(*args, "--shard", str(i), "--initial-peers", addr) for i in (1, 2)]
+    # The third peer has no bulk port: the others call Reduce on it over gRPC, it calls theirs on bulk.
+    peers = [first, swarm.start(*args, "--shard", "1", "--initial-peers", addr),
+             swarm.start(*args, "--shard", "2", "--initial-peers", addr, "--bulk-port", "-1")]
+    assert "+" not in peers[2].wait_for(r"serving on (\S+)", 60).group(1)
     for p in peers:
         assert p.wait(180) == 0, p.output()
     cfg = build(SimConfig, {"model": "tiny", "workers": 3, "steps": 14, "batch_size": 4, "seed": 3,

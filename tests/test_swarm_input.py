@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import grpc
 import pytest
 
 from p2pdiloco.codecs import get_codec
+from p2pdiloco.swarm.bulk import MAGIC
 from p2pdiloco.swarm.gen import p2pdiloco_pb2 as pb
 from p2pdiloco.swarm.gen import p2pdiloco_pb2_grpc as pb_grpc
 from p2pdiloco.swarm.records import PROTOCOL_VERSION
@@ -64,7 +66,7 @@ def test_a_peer_of_another_config_is_refused_and_the_run_goes_on(swarm, text_fil
 def test_malformed_oversized_and_foreign_messages_are_refused(swarm, text_file):
     peer = swarm.start(*TINY, "--data", str(text_file), "--steps", "100000", "--max-message-mb", "1",
                        "--codec", "e3m0")
-    address = peer.wait_for(r"serving on (\S+)", 90).group(1)
+    address, bulk_port = peer.wait_for(r"serving on (\S+)\+(\d+)", 90).groups()
     peer.wait_for("training from step 0", 120)
     from p2pdiloco.config import build
     from p2pdiloco.simulate import SimConfig
@@ -99,6 +101,14 @@ def test_malformed_oversized_and_foreign_messages_are_refused(swarm, text_file):
             reduce(**kwargs)
         assert err.value.code() == code, (kwargs.keys(), err.value)
         assert re.search(text, err.value.details() or ""), err.value.details()
+    # The bulk port refuses the same way (tests/test_bulk.py has the rest).
+    foreign = pb.Caller(run_id="p2pdiloco", protocol=PROTOCOL_VERSION, config_hash="0" * 16, peer_id="x")
+    wire = pb.ReduceRequest(caller=foreign, kind="fragment", index=0, round=10**6, group_id=b"x",
+                            weight=1.0, payload=part).SerializeToString()
+    with socket.create_connection((address.rsplit(":", 1)[0], int(bulk_port)), timeout=10) as s:
+        s.sendall(MAGIC + struct.pack("<Q", len(wire)) + wire)
+        reply = s.recv(1 << 16)
+    assert reply[0] == grpc.StatusCode.FAILED_PRECONDITION.value[0] and b"config hash" in reply, reply
     # A part for a round the peer never opens waits until the caller's deadline, and no longer.
     with pytest.raises(grpc.RpcError) as err:
         reduce()

@@ -196,13 +196,13 @@ def test_reduce_messages_are_protobufs_and_payloads_round_trip(codec, numel):
     pieces = dp.payload_pieces(enc)
     assert b"".join(pieces) == enc.to_bytes()
     # A request is byte for byte what protobuf writes (payload is its last field) ...
-    wire = dp.with_payload(_request().SerializeToString(), dp.REQUEST_PAYLOAD, pieces)
+    wire = b"".join(dp.with_payload(_request().SerializeToString(), dp.REQUEST_PAYLOAD, pieces))
     assert wire == _request(enc.to_bytes()).SerializeToString()
     head, payload = dp.split_payload(wire, dp.REQUEST_PAYLOAD, pb.ReduceRequest)
     assert head == _request() and bytes(payload) == enc.to_bytes()
     # ... and a reply is a message protobuf reads as the same (its payload comes last here).
     reply = pb.ReduceReply(participants=["a", "b"], total_weight=7.0)
-    wire = dp.with_payload(reply.SerializeToString(), dp.REPLY_PAYLOAD, pieces)
+    wire = b"".join(dp.with_payload(reply.SerializeToString(), dp.REPLY_PAYLOAD, pieces))
     assert pb.ReduceReply.FromString(wire) == pb.ReduceReply(payload=enc.to_bytes(), participants=["a", "b"],
                                                              total_weight=7.0)
     head, payload = dp.split_payload(pb.ReduceReply.FromString(wire).SerializeToString(), dp.REPLY_PAYLOAD,

@@ -20,6 +20,8 @@ SWARM_OPTIONS: list[tuple[str, str, dict]] = [
     ("--host", "host", {"help": "address to listen on (default 127.0.0.1)"}),
     ("--announce-host", "announce_host", {"help": "address other peers reach this one at"}),
     ("--port", "port", {"type": int, "help": "gRPC data plane port (default 0: any free port)"}),
+    ("--bulk-port", "bulk_port", {"type": int, "help": "TCP port on which Reduce's tensors travel outside gRPC, "
+                                  "2x faster (default 0: any free port; -1: none, Reduce over gRPC)"}),
     ("--dht-port", "dht_port", {"type": int, "help": "libp2p DHT port (default 0: any free port)"}),
     ("--identity", "identity_path", {"metavar": "FILE", "help": "libp2p key file for a stable peer id"}),
     ("--join-dir", "join_dir", {"metavar": "DIR", "help": "shared folder of live peers' addresses: publish this "

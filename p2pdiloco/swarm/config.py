@@ -17,6 +17,7 @@ class SwarmConfig:
     host: str = "127.0.0.1"  # address to listen on, for the DHT and the data plane
     announce_host: str = ""  # address other peers reach this one at (default: host)
     port: int = 0  # gRPC data plane port (0: any free port)
+    bulk_port: int = 0  # the data plane's bulk port for Reduce (bulk.py; 0: any free port, -1: none, Reduce over gRPC)
     dht_port: int = 0  # libp2p port of the DHT (0: any free port)
     identity_path: str = ""  # a libp2p key file: a stable peer id, and so a stable join line
     join_dir: str = ""  # a shared folder of live peers' addresses (joindir.py): join without copying a peer id
@@ -59,6 +60,8 @@ class SwarmConfig:
         for name in ("port", "dht_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"swarm.{name} must be a TCP port in [0, 65535], got {getattr(self, name)}")
+        if not -1 <= self.bulk_port <= 65535:
+            raise ValueError(f"swarm.bulk_port must be a TCP port in [0, 65535], or -1 for none, got {self.bulk_port}")
         for name in ("matchmaking_s", "reduce_timeout_s", "heartbeat_s", "record_ttl_s", "join_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"swarm.{name} must be positive, got {getattr(self, name)}")

@@ -36,7 +36,8 @@ from .gen import p2pdiloco_pb2_grpc as pb_grpc
 from . import reachability
 from .libp2p import ADDRESS_PREFIX, LibP2PStub
 from .matchmaking import Group
-from .records import PROTOCOL_VERSION
+from .bulk import BulkError, BulkPool, BulkUnreachable
+from .records import PROTOCOL_VERSION, split_address
 
 log = logging.getLogger("p2pdiloco.dataplane")
 
@@ -83,10 +84,11 @@ def payload_pieces(enc: Encoded) -> list:
                      if t.numel()]
 
 
-def with_payload(head: bytes, field_number: int, pieces: list) -> bytes:
-    """A serialized message without its payload (`head`), followed by the payload field."""
+def with_payload(head: bytes, field_number: int, pieces: list) -> list:
+    """A serialized message without its payload (`head`), followed by the payload field: as
+    buffers to join or to write one after the other."""
     size = sum(len(p) for p in pieces)
-    return b"".join([head, _varint(field_number << 3 | 2), _varint(size), *pieces])
+    return [head, _varint(field_number << 3 | 2), _varint(size), *pieces]
 
 
 def split_payload(data: bytes, field_number: int, message_type):
@@ -294,7 +296,7 @@ def _reply(codec, parts: list[tuple[torch.Tensor | Encoded, float]], names: list
     """The owner's answer, serialized once for all members: the encoded weighted mean of the parts."""
     pieces = payload_pieces(codec.encode(weighted_mean(parts)))
     head = pb.ReduceReply(participants=names, total_weight=total).SerializeToString()
-    return with_payload(head, REPLY_PAYLOAD, pieces), sum(len(p) for p in pieces)
+    return b"".join(with_payload(head, REPLY_PAYLOAD, pieces)), sum(len(p) for p in pieces)
 
 
 class Servicer(pb_grpc.AveragingServicer):
@@ -314,6 +316,15 @@ class Servicer(pb_grpc.AveragingServicer):
 
     async def _reduce_wire(self, request: tuple, context) -> bytes:
         return await self.reduce(*request, context)
+
+    async def reduce_bulk(self, data: bytearray) -> bytes:
+        """Reduce on the bulk port (bulk.py): the serialized request in, the serialized reply out."""
+        request, payload = _split_request(data)
+        try:
+            return await self.book.receive(request, payload)
+        except Refused as exc:
+            log.warning("refused a part from %s: %s", request.caller.peer_id or "?", exc)
+            raise BulkError(exc.code, str(exc)) from None
 
     async def Probe(self, request: pb.ProbeRequest, context) -> pb.ProbeReply:
         """Dial a joining peer's gRPC address for it, or answer a ping (reachability.py)."""
@@ -379,7 +390,22 @@ class _GrpcReduce:
                                         _registered_method=True)
 
     async def __call__(self, request: pb.ReduceRequest, pieces: list, timeout: float):
-        return await self.call(with_payload(request.SerializeToString(), REQUEST_PAYLOAD, pieces), timeout=timeout)
+        return await self.call(b"".join(with_payload(request.SerializeToString(), REQUEST_PAYLOAD, pieces)),
+                               timeout=timeout)
+
+
+class _BulkReduce:
+    """Reduce on a peer's bulk port (bulk.py), or over gRPC while that port cannot be reached."""
+
+    def __init__(self, pool: BulkPool, host: str, port: int, fallback: _GrpcReduce):
+        self.pool, self.host, self.port, self.fallback = pool, host, port, fallback
+
+    async def __call__(self, request: pb.ReduceRequest, pieces: list, timeout: float):
+        message = with_payload(request.SerializeToString(), REQUEST_PAYLOAD, pieces)
+        try:
+            return _split_reply(await self.pool.call(self.host, self.port, message, timeout))
+        except BulkUnreachable:
+            return await self.fallback(request, pieces, timeout)
 
 
 class _LibP2PReduce:
@@ -393,13 +419,14 @@ class _LibP2PReduce:
 
 
 class Channels:
-    """One gRPC channel per remote address, reused across rounds."""
+    """One gRPC channel per remote address, and bulk connections (bulk.py), reused across rounds."""
 
     def __init__(self, max_message_bytes: int):
         self.options = channel_options(max_message_bytes)
         self.stubs: dict[str, pb_grpc.AveragingStub] = {}
         self.reducers: dict[str, _GrpcReduce] = {}
         self.channels: dict[str, grpc.aio.Channel] = {}
+        self.bulk = BulkPool(max_message_bytes)
         self.p2p = None  # hivemind's P2P, for peers that announced a libp2p address (libp2p.py)
 
     def _libp2p(self, address: str) -> LibP2PStub:
@@ -408,9 +435,11 @@ class Channels:
         return LibP2PStub(self.p2p, address)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        if address not in self.channels:
-            self.channels[address] = grpc.aio.insecure_channel(address, options=self.options)
-        return self.channels[address]
+        host, port, _ = split_address(address)
+        target = f"{host}:{port}"
+        if target not in self.channels:
+            self.channels[target] = grpc.aio.insecure_channel(target, options=self.options)
+        return self.channels[target]
 
     def stub(self, address: str) -> pb_grpc.AveragingStub:
         if address.startswith(ADDRESS_PREFIX):
@@ -425,9 +454,13 @@ class Channels:
             return _LibP2PReduce(self._libp2p(address))
         if address not in self.reducers:
             self.reducers[address] = _GrpcReduce(self._channel(address))
+        host, _, bulk_port = split_address(address)
+        if bulk_port is not None and self.bulk.reachable(host, bulk_port):
+            return _BulkReduce(self.bulk, host.strip("[]"), bulk_port, self.reducers[address])
         return self.reducers[address]
 
     async def close(self) -> None:
+        self.bulk.close()
         for channel in self.channels.values():
             await channel.close(grace=None)
 

@@ -15,15 +15,16 @@ import logging
 import random
 from concurrent.futures import Future
 
-import grpc
 import torch
 
 from ..averaging import AverageResult, Averager, SyncKey
 from ..codecs import Encoded
 from .config import SwarmConfig
 from . import libp2p, reachability
-from .control import ControlConfig, ControlPlane, SwarmStartError
-from .dataplane import Channels, Identity, RoundBook, Servicer, allreduce, channel_options, serve
+from .control import ControlConfig, ControlPlane
+from . import servers
+from .dataplane import Channels, Identity, RoundBook, Servicer, allreduce
+from .servers import Servers
 from .loop import BackgroundLoop
 from .matchmaking import Member, form_group
 from .records import PROTOCOL_VERSION, PeerRecord
@@ -37,7 +38,7 @@ class Network:
         self.cfg, self.config_hash, self.config_text = cfg, config_hash, config_text
         self.loop = BackgroundLoop()
         self.control: ControlPlane | None = None
-        self.server: grpc.aio.Server | None = None
+        self.servers: Servers | None = None
         self.p2p = None
         self.transport_note = ""  # what --transport auto found (reachability.py)
         self._spare_means: dict[tuple[str, int], torch.Tensor] = {}  # see average()
@@ -60,23 +61,15 @@ class Network:
             raise
 
     async def _serve(self, state_provider) -> str:
-        # No SO_REUSEPORT: a port already in use must be an error, not a silently shared port.
-        self.server = grpc.aio.server(options=channel_options(self.cfg.max_message_bytes) + [("grpc.so_reuseport", 0)])
         servicer = Servicer(self.book, state_provider)
-        serve(servicer, self.server)
-        try:
-            port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
-            if port == 0:
-                raise RuntimeError("bind failed")
-        except RuntimeError as exc:
-            raise SwarmStartError(f"cannot listen on {self.cfg.host}:{self.cfg.port} ({exc}); "
-                                  f"choose another --port, or 0 for any free port") from None
-        await self.server.start()
+        self.servers = Servers(servicer, self.cfg.max_message_bytes, self.cfg.reduce_timeout_s)
+        port, bulk_port = await self.servers.start(self.cfg.host, self.cfg.port, self.cfg.bulk_port)
         # Every peer also serves (and can call) the libp2p transport, on the DHT's own daemon.
         self.p2p = await self.control.dht.replicate_p2p()
         self.channels.p2p = self.p2p
         await libp2p.serve(self.p2p, servicer, self.cfg.max_message_bytes)
-        mine = f"{self.cfg.announce_host or self.cfg.host}:{port}"
+        announce = self.cfg.announce_host or self.cfg.host
+        mine = f"{announce}:{port}"  # the gRPC address is what probers dial
         if self.cfg.transport == "libp2p":
             return f"{libp2p.ADDRESS_PREFIX}{self.peer_id}"
         if self.cfg.transport == "auto" and self.cfg.initial_peers:
@@ -92,7 +85,7 @@ class Network:
             if reachable is False:
                 self.transport_note += "; averaging over libp2p instead"
                 return f"{libp2p.ADDRESS_PREFIX}{self.peer_id}"
-        return mine
+        return servers.address(announce, port, bulk_port)
 
     # ---- the peer record and its heartbeat
     def record(self) -> PeerRecord:
@@ -174,13 +167,13 @@ class Network:
     # ---- leaving
     def close(self) -> None:
         """Leave: mark the record 'left' so nobody waits for this peer, stop serving, stop the DHT."""
-        if self.control is not None and self.server is not None:
+        if self.control is not None and self.servers is not None:
             self.status["state"] = "left"
             try:
                 self.publish()
             except Exception as exc:
                 log.warning("could not mark this peer as left: %s", exc)
-        if self.server is not None:
+        if self.servers is not None:
             try:
                 self.loop.call(self._stop_serving(), timeout=5)
             except Exception as exc:
@@ -191,7 +184,7 @@ class Network:
             self.control = None
 
     async def _stop_serving(self) -> None:
-        await self.server.stop(grace=1.0)
+        await self.servers.stop()
         await self.channels.close()
         if self.p2p is not None:
             await self.p2p.shutdown()

@@ -18,7 +18,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 # 2: matchmaking windows close after a round's first declaration; time-budget final rounds; Probe.
-PROTOCOL_VERSION = 2
+# 3: addresses host:port+bulk port, Reduce on the bulk port (bulk.py).
+PROTOCOL_VERSION = 3
 STATES = ("joining", "training", "left")
 
 
@@ -44,6 +45,17 @@ def describe_config(cfg) -> str:
             + (f" round_s={s.round_s} duration_s={s.duration_s}" if s.round_s else ""))
 
 
+def split_address(address: str) -> tuple[str, int, int | None]:
+    """A data-plane address `host:port` or `host:port+bulk port` (swarm/bulk.py) as (host, gRPC
+    port, bulk port or None); RecordError if it is neither."""
+    host, sep, ports = address.rpartition(":")
+    port, plus, bulk = ports.partition("+")
+    if not sep or not host or not port.isdigit() or (plus and not bulk.isdigit()) \
+            or not 0 < int(port) < 65536 or (plus and not 0 < int(bulk) < 65536):
+        raise RecordError(f"peer record address '{address}' is not host:port[+port] or p2p:<peer id>")
+    return host, int(port), int(bulk) if plus else None
+
+
 def peers_key(run_id: str) -> str:
     return f"p2pdiloco/{run_id}/peers"
 
@@ -51,7 +63,7 @@ def peers_key(run_id: str) -> str:
 @dataclass
 class PeerRecord:
     peer_id: str
-    address: str  # host:port of the peer's gRPC data plane, or p2p:<peer id> (libp2p only)
+    address: str  # host:port[+bulk port] of the peer's data plane, or p2p:<peer id> (libp2p only)
     maddrs: list[str]  # the peer's libp2p addresses: any of them serves as an initial peer
     protocol: int
     config_hash: str
@@ -104,6 +116,4 @@ class PeerRecord:
             if len(self.address) < 10:
                 raise RecordError(f"peer record address '{self.address}' has no peer id")
             return
-        host, sep, port = self.address.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise RecordError(f"peer record address '{self.address}' is not host:port or p2p:<peer id>")
+        split_address(self.address)

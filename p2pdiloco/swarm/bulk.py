@@ -1,0 +1,282 @@
+"""Reduce on a plain TCP connection: the data plane's bulk path.
+
+Reduce is the one call that carries tensors, and gRPC's Python API moves a 10 MB message at about
+half the speed of loopback TCP whatever its channel options (docs/benchmarks.md, "Data plane").
+So next to the gRPC server every peer listens on a second port, its bulk port, for Reduce alone:
+the same ReduceRequest and ReduceReply messages of proto/p2pdiloco.proto, byte for byte, each
+preceded by its length, read from the socket straight into one buffer of that length. The state
+download and the reachability probe stay on gRPC, and so does Reduce towards a peer whose bulk
+port cannot be reached (a port forwarded alone, a firewall): the caller falls back to gRPC for
+that peer, says so once, and tries the bulk port again `RETRY_BULK_S` later.
+
+On the wire (integers little-endian):
+  once, on connecting, caller → owner: `MAGIC`, which names this framing and its version;
+  request: u64 length, then a serialized ReduceRequest of that length;
+  reply:   u8 status (a grpc.StatusCode's number, 0: OK), u64 length, then a serialized
+           ReduceReply (status 0) or the refusal's text in UTF-8.
+A connection carries one call at a time; a caller opens another for a concurrent call and keeps
+idle ones for the next rounds.
+
+Limits and timeouts: a message longer than `max_message_bytes` is refused (RESOURCE_EXHAUSTED) and
+the connection closed, before any of it is read. The magic must come within `CONNECT_TIMEOUT_S`
+of connecting, and a message must arrive whole within the round's `reduce_timeout_s` of its first
+byte: a sender that stalls is cut off. A caller waits for its reply at most the call's timeout,
+then closes the connection, which cancels the owner's handler (as a gRPC deadline does).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+
+import grpc
+from google.protobuf.message import DecodeError
+
+log = logging.getLogger("p2pdiloco.dataplane")
+
+MAGIC = b"p2pdiloco-bulk1\n"
+CONNECT_TIMEOUT_S = 5.0  # to connect, and for the owner to see the magic
+RETRY_BULK_S = 60.0  # after the bulk port of a peer could not be reached, use gRPC this long
+_LENGTH = struct.Struct("<Q")
+_REPLY = struct.Struct("<BQ")
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class BulkError(Exception):
+    """A refused or failed call, with a gRPC status code as gRPC's own errors have."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class BulkUnreachable(ConnectionError):
+    """The bulk port could not be connected to: the caller may use gRPC instead."""
+
+
+class _Framed(asyncio.BufferedProtocol):
+    """Reads exactly the number of bytes it is told to expect, each time into a fresh buffer of
+    that size that the kernel writes into directly, and hands the full buffer on."""
+
+    def __init__(self):
+        self.transport: asyncio.Transport | None = None
+        self._view, self._got, self._then = None, 0, None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def expect(self, n: int, then, within_s: float | None = None) -> None:
+        self._cancel_timer()
+        if within_s is not None:
+            self._timer = asyncio.get_running_loop().call_later(within_s, self._too_slow)
+        if n == 0:
+            then(bytearray())
+            return
+        self._view, self._got, self._then = memoryview(bytearray(n)), 0, then
+
+    def get_buffer(self, sizehint: int):
+        return self._view[self._got:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._got += nbytes
+        if self._got == len(self._view):
+            buf, then = self._view.obj, self._then
+            self._view = None
+            then(buf)
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _too_slow(self) -> None:
+        log.warning("bulk connection from %s: a message did not arrive in time; closing it",
+                    self.transport.get_extra_info("peername"))
+        self.transport.abort()
+
+
+class _OwnerSide(_Framed):
+    """One caller's connection to this peer's bulk port."""
+
+    def __init__(self, server: "BulkServer"):
+        super().__init__()
+        self.server, self.task = server, None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.server.connections.add(self)
+        self.expect(len(MAGIC), self._magic, CONNECT_TIMEOUT_S)
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        self.server.connections.discard(self)
+        if self.task is not None:
+            self.task.cancel()
+
+    def _magic(self, got: bytearray) -> None:
+        if got != MAGIC:
+            log.warning("bulk port: a connection from %s did not speak p2pdiloco's bulk protocol; closed",
+                        self.transport.get_extra_info("peername"))
+            self.transport.abort()
+            return
+        self.expect(_LENGTH.size, self._length)
+
+    def _length(self, head: bytearray) -> None:
+        (n,) = _LENGTH.unpack(head)
+        if n > self.server.max_message_bytes:
+            log.warning("bulk port: refused a message of %d bytes (over --max-message-mb)", n)
+            self._answer(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"message of {n} bytes is over this peer's limit of {self.server.max_message_bytes} "
+                         f"bytes (--max-message-mb)".encode())
+            self.transport.close()  # after the answer is written; the message itself is never read
+            return
+        self.expect(n, self._request, self.server.timeout_s)
+
+    def _request(self, body: bytearray) -> None:
+        self._cancel_timer()
+        self.transport.pause_reading()  # one call at a time: the next waits until this is answered
+        self.task = asyncio.ensure_future(self._handle(body))
+
+    async def _handle(self, body: bytearray) -> None:
+        try:
+            code, data = grpc.StatusCode.OK, await self.server.handler(body)
+        except BulkError as exc:
+            code, data = exc.code(), exc.details().encode()
+        except DecodeError as exc:
+            code, data = grpc.StatusCode.INVALID_ARGUMENT, f"malformed ReduceRequest: {exc}".encode()
+        except Exception as exc:  # a bug here must cost this call, not the peer
+            log.exception("bulk Reduce failed")
+            code, data = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}".encode()
+        finally:
+            self.task = None
+        if self.transport.is_closing():
+            return
+        self._answer(code, data)
+        self.expect(_LENGTH.size, self._length)
+        self.transport.resume_reading()
+
+    def _answer(self, code: grpc.StatusCode, data: bytes) -> None:
+        self.transport.writelines([_REPLY.pack(code.value[0], len(data)), data])
+
+
+class BulkServer:
+    """This peer's bulk port. `handler(request bytes) -> reply bytes` raises BulkError to refuse."""
+
+    def __init__(self, handler, max_message_bytes: int, timeout_s: float):
+        self.handler, self.max_message_bytes, self.timeout_s = handler, max_message_bytes, timeout_s
+        self.connections: set[_OwnerSide] = set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = await asyncio.get_running_loop().create_server(lambda: _OwnerSide(self), host, port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for conn in list(self.connections):
+                conn.transport.abort()
+            await self.server.wait_closed()
+
+
+class _CallerSide(_Framed):
+    """A connection to another peer's bulk port, for one call at a time."""
+
+    def __init__(self, max_message_bytes: int):
+        super().__init__()
+        self.max_message_bytes = max_message_bytes
+        self.reply: asyncio.Future | None = None
+        self.status = grpc.StatusCode.OK
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        if self.reply is not None and not self.reply.done():
+            self.reply.set_exception(BulkError(grpc.StatusCode.UNAVAILABLE, f"the owner closed the connection ({exc})"))
+
+    async def call(self, pieces: list) -> bytearray:
+        """Send one request (its serialized pieces); the reply's bytes, or BulkError."""
+        self.reply = asyncio.get_running_loop().create_future()
+        self.expect(_REPLY.size, self._head)
+        self.transport.writelines([_LENGTH.pack(sum(len(p) for p in pieces)), *pieces])
+        code, body = await self.reply
+        if code != grpc.StatusCode.OK:
+            raise BulkError(code, bytes(body).decode(errors="replace"))
+        return body
+
+    def _head(self, head: bytearray) -> None:
+        number, n = _REPLY.unpack(head)
+        self.status = _CODES.get(number, grpc.StatusCode.UNKNOWN)
+        if n > self.max_message_bytes:
+            self.reply.set_exception(BulkError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                               f"reply of {n} bytes is over the limit (--max-message-mb)"))
+            self.transport.abort()
+            return
+        self.expect(n, self._body)
+
+    def _body(self, body: bytearray) -> None:
+        if not self.reply.done():
+            self.reply.set_result((self.status, body))
+
+
+class BulkPool:
+    """Connections to other peers' bulk ports, kept open between calls."""
+
+    def __init__(self, max_message_bytes: int):
+        self.max_message_bytes = max_message_bytes
+        self.idle: dict[tuple[str, int], list[_CallerSide]] = {}
+        self.unreachable_until: dict[tuple[str, int], float] = {}
+
+    def reachable(self, host: str, port: int) -> bool:
+        return time.monotonic() >= self.unreachable_until.get((host, port), 0.0)
+
+    async def _connect(self, host: str, port: int) -> _CallerSide:
+        try:
+            _, conn = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                lambda: _CallerSide(self.max_message_bytes), host, port), CONNECT_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError) as exc:
+            if self.reachable(host, port):
+                log.warning("bulk port %s:%d cannot be reached (%s); Reduce goes over gRPC to it for the next %.0fs",
+                            host, port, exc or type(exc).__name__, RETRY_BULK_S)
+            self.unreachable_until[host, port] = time.monotonic() + RETRY_BULK_S
+            raise BulkUnreachable(f"{host}:{port}: {exc}") from None
+        conn.transport.write(MAGIC)
+        return conn
+
+    async def call(self, host: str, port: int, pieces: list, timeout_s: float) -> bytearray:
+        """One Reduce: the reply's bytes. BulkUnreachable if no connection could be made,
+        BulkError if the owner refused or failed it, asyncio.TimeoutError past `timeout_s`."""
+        idle = self.idle.setdefault((host, port), [])
+        conn = None
+        while idle and conn is None:
+            candidate = idle.pop()
+            if not candidate.transport.is_closing():
+                conn = candidate
+        deadline = time.monotonic() + timeout_s
+        if conn is None:
+            conn = await self._connect(host, port)
+        try:
+            body = await asyncio.wait_for(conn.call(pieces), max(deadline - time.monotonic(), 0.0))
+        except BaseException:
+            conn.transport.abort()  # mid-call: the connection cannot carry another call
+            raise
+        idle.append(conn)
+        return body
+
+    def close(self) -> None:
+        for conns in self.idle.values():
+            for conn in conns:
+                conn.transport.abort()
+        self.idle.clear()

@@ -1,0 +1,161 @@
+"""The bulk port (swarm/bulk.py) over real loopback sockets: its framing, its refusals and limits,
+and the fall-back to gRPC when a peer's bulk port cannot be reached. The peers here are data planes
+in this process (servers, round books, channels), with no DHT; tests/test_swarm*.py run whole peers."""
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import grpc
+import pytest
+import torch
+
+from p2pdiloco.averaging import SyncKey
+from p2pdiloco.codecs import get_codec
+from p2pdiloco.swarm import bulk
+from p2pdiloco.swarm.dataplane import Channels, Identity, RoundBook, Servicer, allreduce
+from p2pdiloco.swarm.gen import p2pdiloco_pb2 as pb
+from p2pdiloco.swarm.loop import BackgroundLoop
+from p2pdiloco.swarm.matchmaking import make_group
+from p2pdiloco.swarm.records import PROTOCOL_VERSION
+from p2pdiloco.swarm.servers import Servers, address
+
+pytestmark = pytest.mark.timeout(60)
+MAX_BYTES = 1 << 20
+
+
+class Plane:
+    """One peer's data plane on a loop of its own."""
+
+    def __init__(self, name: str, reduce_timeout_s: float = 2.0, bulk_port: int = 0):
+        self.identity = Identity("run", "hash", name, "fp32")
+        self.book = RoundBook(self.identity, reduce_timeout_s)
+        self.loop = BackgroundLoop(name)
+        self.servers = Servers(Servicer(self.book, None), MAX_BYTES, reduce_timeout_s)
+        self.port, self.bulk_port = self.loop.call(self.servers.start("127.0.0.1", 0, bulk_port), 10)
+        self.channels = self.loop.call(self._channels(), 5)  # channels belong to the loop: made on it
+
+    async def _channels(self):
+        return Channels(MAX_BYTES)
+
+    def average(self, declared: dict[str, str], x: torch.Tensor, r: int = 0):
+        group = make_group(SyncKey("fragment", 0, r), declared, self.identity.peer_id, group_size=8)
+        return self.loop.submit(allreduce(self.book, self.channels, group, get_codec("fp32").encode(x), 1.0, 5.0))
+
+    def close(self):
+        try:
+            self.loop.call(self.servers.stop(0), 10)
+            self.loop.call(self.channels.close(), 10)
+        finally:
+            self.loop.stop()
+
+
+@pytest.fixture
+def planes():
+    made = []
+    yield lambda *a, **k: made.append(Plane(*a, **k)) or made[-1]
+    for p in made:
+        p.close()
+
+
+def _recv(sock, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def closed(sock) -> bool:
+    """The other end closed the connection without answering (an abort may come as a reset)."""
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def call_raw(port: int, wire: bytes) -> tuple[grpc.StatusCode, bytes]:
+    """A bulk call written from the framing's description, not with bulk.py's client."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(wire)
+        code, n = struct.unpack("<BQ", _recv(s, 9))
+        return {c.value[0]: c for c in grpc.StatusCode}[code], _recv(s, n)
+
+
+def request(caller: pb.Caller, payload: bytes) -> bytes:
+    return pb.ReduceRequest(caller=caller, kind="fragment", index=0, round=7, group_id=b"g", weight=1.0,
+                            payload=payload).SerializeToString()
+
+
+def framed(message: bytes) -> bytes:
+    return bulk.MAGIC + struct.pack("<Q", len(message)) + message
+
+
+def test_peers_average_over_their_bulk_ports(planes):
+    a, b, c = planes("a"), planes("b"), planes("c")
+    declared = {p.identity.peer_id: address("127.0.0.1", p.port, p.bulk_port) for p in (a, b, c)}
+    xs = [torch.randn(10_001) for _ in range(3)]
+    futures = [p.average(declared, x) for p, x in zip((a, b, c), xs)]
+    results = [f.result(30) for f in futures]
+    for res in results:
+        assert torch.allclose(res.mean, sum(xs) / 3, atol=1e-6)
+        assert res.participants == ("a", "b", "c")
+    # The calls went over the bulk ports: each caller keeps its connections to the two others.
+    assert all(len(sum(p.channels.bulk.idle.values(), [])) == 2 for p in (a, b, c))
+
+
+def test_an_unreachable_bulk_port_falls_back_to_grpc(planes, caplog):
+    a, b = planes("a"), planes("b")
+    with socket.socket() as s:  # a port that nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    declared = {"a": address("127.0.0.1", a.port, closed), "b": address("127.0.0.1", b.port, b.bulk_port)}
+    xs = [torch.randn(1000), torch.randn(1000)]
+    fa, fb = a.average(declared, xs[0]), b.average(declared, xs[1])
+    for res in (fa.result(30), fb.result(30)):
+        assert torch.allclose(res.mean, (xs[0] + xs[1]) / 2, atol=1e-6)
+    assert not b.channels.bulk.reachable("127.0.0.1", closed)
+    assert f"bulk port 127.0.0.1:{closed} cannot be reached" in caplog.text
+
+
+def test_refusals_come_back_with_their_status_and_the_connection_goes_on(planes):
+    p = planes("owner")
+    ok = pb.Caller(run_id="run", protocol=PROTOCOL_VERSION, config_hash="hash", peer_id="x")
+    part = get_codec("fp32").encode(torch.randn(16)).to_bytes()
+    cases = [
+        (framed(b"\xff\xff"), grpc.StatusCode.INVALID_ARGUMENT, b"malformed ReduceRequest"),
+        (framed(request(ok, b"\x07garbage")), grpc.StatusCode.INVALID_ARGUMENT, b"malformed payload"),
+        (framed(request(pb.Caller(run_id="run", protocol=PROTOCOL_VERSION, config_hash="other", peer_id="x"),
+                        part)), grpc.StatusCode.FAILED_PRECONDITION, b"config hash"),
+        (bulk.MAGIC + struct.pack("<Q", MAX_BYTES + 1), grpc.StatusCode.RESOURCE_EXHAUSTED, b"--max-message-mb"),
+    ]
+    for wire, code, text in cases:
+        got, details = call_raw(p.bulk_port, wire)
+        assert got == code and text in details, (got, details)
+    # A refusal does not close the connection: the next call on it is answered too.
+    foreign = pb.Caller(run_id="run", protocol=PROTOCOL_VERSION, config_hash="other", peer_id="x")
+    with socket.create_connection(("127.0.0.1", p.bulk_port), timeout=10) as s:
+        s.sendall(framed(request(ok, b"\x07garbage")))
+        for message, expected in ((request(foreign, part), b"malformed payload"), (None, b"config hash")):
+            code, n = struct.unpack("<BQ", _recv(s, 9))
+            assert expected in _recv(s, n)
+            if message is not None:
+                s.sendall(struct.pack("<Q", len(message)) + message)  # no second magic on one connection
+
+
+def test_a_stranger_or_a_stalled_sender_is_cut_off(planes):
+    p = planes("owner", reduce_timeout_s=0.5)
+    with socket.create_connection(("127.0.0.1", p.bulk_port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not our protocol: closed, nothing answered
+        assert closed(s)
+    with socket.create_connection(("127.0.0.1", p.bulk_port), timeout=10) as s:
+        s.sendall(bulk.MAGIC + struct.pack("<Q", 1000) + b"only ten b")
+        start = time.monotonic()
+        assert closed(s)  # once the message is late
+        assert time.monotonic() - start < 5
+    # The owner still serves others.
+    ok = pb.Caller(run_id="run", protocol=PROTOCOL_VERSION, config_hash="hash", peer_id="x")
+    assert call_raw(p.bulk_port, framed(request(ok, b"\x07bad")))[0] == grpc.StatusCode.INVALID_ARGUMENT
