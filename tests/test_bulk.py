@@ -44,6 +44,8 @@ class Plane:
         return self.loop.submit(allreduce(self.book, self.channels, group, get_codec("fp32").encode(x), 1.0, 5.0))
 
     def close(self):
+        if not self.loop.loop.is_running():
+            return
         try:
             self.loop.call(self.servers.stop(0), 10)
             self.loop.call(self.channels.close(), 10)
@@ -159,3 +161,29 @@ def test_a_stranger_or_a_stalled_sender_is_cut_off(planes):
     # The owner still serves others.
     ok = pb.Caller(run_id="run", protocol=PROTOCOL_VERSION, config_hash="hash", peer_id="x")
     assert call_raw(p.bulk_port, framed(request(ok, b"\x07bad")))[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_receive_buffers_are_reused_only_once_nothing_holds_them():
+    buffers = bulk.Buffers(keep=3)
+    first = buffers.get(1000)
+    view = torch.frombuffer(first[16:], dtype=torch.uint8)  # a part a round keeps, say
+    del first
+    second = buffers.get(1000)
+    assert second.obj is not view.numpy().base and len(buffers.kept) == 2  # the first is still held
+    del view
+    again = buffers.get(1000)
+    assert len(buffers.kept) == 2 and again.obj is not second.obj  # the first, free again
+    for n in (1, 2, 3):
+        buffers.get(n)
+    assert len(buffers.kept) == 3  # the least recently used are let go
+
+
+def test_an_owner_that_goes_away_leaves_its_callers_clean(planes, caplog):
+    a, b = planes("a"), planes("b")
+    declared = {p.identity.peer_id: address("127.0.0.1", p.port, p.bulk_port) for p in (a, b)}
+    for f in [p.average(declared, torch.randn(100)) for p in (a, b)]:
+        f.result(30)
+    b.close()  # a's idle connection to b sees it close
+    time.sleep(0.5)
+    assert all(c.transport.is_closing() for c in sum(a.channels.bulk.idle.values(), []))
+    assert "Fatal error" not in caplog.text and "get_buffer" not in caplog.text

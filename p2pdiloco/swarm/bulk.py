@@ -28,9 +28,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import sys
 import time
 
 import grpc
+import numpy as np
+import torch
 from google.protobuf.message import DecodeError
 
 log = logging.getLogger("p2pdiloco.dataplane")
@@ -61,11 +64,37 @@ class BulkUnreachable(ConnectionError):
     """The bulk port could not be connected to: the caller may use gRPC instead."""
 
 
-class _Framed(asyncio.BufferedProtocol):
-    """Reads exactly the number of bytes it is told to expect, each time into a fresh buffer of
-    that size that the kernel writes into directly, and hands the full buffer on."""
+class Buffers:
+    """Receive buffers, kept for reuse. A fresh 10 MB buffer costs ~2,500 page faults, the kernel
+    zeroing each page it maps, on every message; a kept one costs none. A kept buffer is handed out
+    again only once nothing holds it: no view of it is alive (a part that a round keeps, a reply
+    being decoded), which its reference count tells. Each event loop has its own (not thread-safe)."""
 
-    def __init__(self):
+    def __init__(self, keep: int = 32, keep_bytes: int = 1 << 30):
+        self.keep, self.keep_bytes = keep, keep_bytes
+        self.kept: list[np.ndarray] = []
+
+    def get(self, n: int) -> memoryview:
+        for i in range(len(self.kept)):
+            # Held by the list, and by getrefcount's argument: by nothing else.
+            if self.kept[i].size == n and sys.getrefcount(self.kept[i]) == 2:
+                self.kept.append(self.kept.pop(i))  # the most recently used go last
+                return memoryview(self.kept[-1])
+        # Not zeroed (the kernel is about to overwrite it), and from torch's allocator: numpy asks
+        # for transparent huge pages, whose faults can stall for compaction (150 ms seen here).
+        fresh = torch.empty(n, dtype=torch.uint8).numpy()
+        self.kept.append(fresh)
+        while len(self.kept) > self.keep or sum(a.size for a in self.kept) > self.keep_bytes:
+            self.kept.pop(0)  # the least recently used; whoever still holds it keeps it alive
+        return memoryview(fresh)
+
+
+class _Framed(asyncio.BufferedProtocol):
+    """Reads exactly the number of bytes it is told to expect, each time into a buffer of that
+    size (from `buffers`) that the kernel writes into directly, and hands the full buffer on."""
+
+    def __init__(self, buffers: Buffers):
+        self.buffers = buffers
         self.transport: asyncio.Transport | None = None
         self._view, self._got, self._then = None, 0, None
         self._timer: asyncio.TimerHandle | None = None
@@ -75,18 +104,24 @@ class _Framed(asyncio.BufferedProtocol):
         if within_s is not None:
             self._timer = asyncio.get_running_loop().call_later(within_s, self._too_slow)
         if n == 0:
-            then(bytearray())
+            then(memoryview(b""))
             return
-        self._view, self._got, self._then = memoryview(bytearray(n)), 0, then
+        self._view, self._got, self._then = self.buffers.get(n), 0, then
 
     def get_buffer(self, sizehint: int):
-        return self._view[self._got:]
+        # Between messages the event loop may still read (an EOF, or bytes nobody asked for).
+        return self._view[self._got:] if self._view is not None else memoryview(bytearray(64))
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._view is None:
+            log.warning("bulk connection to %s: %d bytes that were not asked for; closing it",
+                        self.transport.get_extra_info("peername"), nbytes)
+            self.transport.abort()
+            return
         self._got += nbytes
         if self._got == len(self._view):
-            buf, then = self._view.obj, self._then
-            self._view = None
+            buf, then = self._view, self._then
+            self._view = self._then = None
             then(buf)
 
     def connection_made(self, transport) -> None:
@@ -110,7 +145,7 @@ class _OwnerSide(_Framed):
     """One caller's connection to this peer's bulk port."""
 
     def __init__(self, server: "BulkServer"):
-        super().__init__()
+        super().__init__(server.buffers)
         self.server, self.task = server, None
 
     def connection_made(self, transport) -> None:
@@ -124,7 +159,7 @@ class _OwnerSide(_Framed):
         if self.task is not None:
             self.task.cancel()
 
-    def _magic(self, got: bytearray) -> None:
+    def _magic(self, got: memoryview) -> None:
         if got != MAGIC:
             log.warning("bulk port: a connection from %s did not speak p2pdiloco's bulk protocol; closed",
                         self.transport.get_extra_info("peername"))
@@ -132,7 +167,7 @@ class _OwnerSide(_Framed):
             return
         self.expect(_LENGTH.size, self._length)
 
-    def _length(self, head: bytearray) -> None:
+    def _length(self, head: memoryview) -> None:
         (n,) = _LENGTH.unpack(head)
         if n > self.server.max_message_bytes:
             log.warning("bulk port: refused a message of %d bytes (over --max-message-mb)", n)
@@ -143,12 +178,12 @@ class _OwnerSide(_Framed):
             return
         self.expect(n, self._request, self.server.timeout_s)
 
-    def _request(self, body: bytearray) -> None:
+    def _request(self, body: memoryview) -> None:
         self._cancel_timer()
         self.transport.pause_reading()  # one call at a time: the next waits until this is answered
         self.task = asyncio.ensure_future(self._handle(body))
 
-    async def _handle(self, body: bytearray) -> None:
+    async def _handle(self, body: memoryview) -> None:
         try:
             code, data = grpc.StatusCode.OK, await self.server.handler(body)
         except BulkError as exc:
@@ -176,6 +211,7 @@ class BulkServer:
     def __init__(self, handler, max_message_bytes: int, timeout_s: float):
         self.handler, self.max_message_bytes, self.timeout_s = handler, max_message_bytes, timeout_s
         self.connections: set[_OwnerSide] = set()
+        self.buffers = Buffers()
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -195,8 +231,8 @@ class BulkServer:
 class _CallerSide(_Framed):
     """A connection to another peer's bulk port, for one call at a time."""
 
-    def __init__(self, max_message_bytes: int):
-        super().__init__()
+    def __init__(self, max_message_bytes: int, buffers: Buffers):
+        super().__init__(buffers)
         self.max_message_bytes = max_message_bytes
         self.reply: asyncio.Future | None = None
         self.status = grpc.StatusCode.OK
@@ -206,7 +242,7 @@ class _CallerSide(_Framed):
         if self.reply is not None and not self.reply.done():
             self.reply.set_exception(BulkError(grpc.StatusCode.UNAVAILABLE, f"the owner closed the connection ({exc})"))
 
-    async def call(self, pieces: list) -> bytearray:
+    async def call(self, pieces: list) -> memoryview:
         """Send one request (its serialized pieces); the reply's bytes, or BulkError."""
         self.reply = asyncio.get_running_loop().create_future()
         self.expect(_REPLY.size, self._head)
@@ -216,7 +252,7 @@ class _CallerSide(_Framed):
             raise BulkError(code, bytes(body).decode(errors="replace"))
         return body
 
-    def _head(self, head: bytearray) -> None:
+    def _head(self, head: memoryview) -> None:
         number, n = _REPLY.unpack(head)
         self.status = _CODES.get(number, grpc.StatusCode.UNKNOWN)
         if n > self.max_message_bytes:
@@ -226,7 +262,7 @@ class _CallerSide(_Framed):
             return
         self.expect(n, self._body)
 
-    def _body(self, body: bytearray) -> None:
+    def _body(self, body: memoryview) -> None:
         if not self.reply.done():
             self.reply.set_result((self.status, body))
 
@@ -237,6 +273,7 @@ class BulkPool:
     def __init__(self, max_message_bytes: int):
         self.max_message_bytes = max_message_bytes
         self.idle: dict[tuple[str, int], list[_CallerSide]] = {}
+        self.buffers = Buffers()
         self.unreachable_until: dict[tuple[str, int], float] = {}
 
     def reachable(self, host: str, port: int) -> bool:
@@ -245,7 +282,7 @@ class BulkPool:
     async def _connect(self, host: str, port: int) -> _CallerSide:
         try:
             _, conn = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
-                lambda: _CallerSide(self.max_message_bytes), host, port), CONNECT_TIMEOUT_S)
+                lambda: _CallerSide(self.max_message_bytes, self.buffers), host, port), CONNECT_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError) as exc:
             if self.reachable(host, port):
                 log.warning("bulk port %s:%d cannot be reached (%s); Reduce goes over gRPC to it for the next %.0fs",
@@ -255,7 +292,7 @@ class BulkPool:
         conn.transport.write(MAGIC)
         return conn
 
-    async def call(self, host: str, port: int, pieces: list, timeout_s: float) -> bytearray:
+    async def call(self, host: str, port: int, pieces: list, timeout_s: float) -> memoryview:
         """One Reduce: the reply's bytes. BulkUnreachable if no connection could be made,
         BulkError if the owner refused or failed it, asyncio.TimeoutError past `timeout_s`."""
         idle = self.idle.setdefault((host, port), [])
