@@ -18,6 +18,7 @@
 #   P2PDILOCO_ANNOUNCE_HOST   address other peers reach this one at      this container's IP
 #   P2PDILOCO_PORT            gRPC data plane port                       7000
 #   P2PDILOCO_DHT_PORT        libp2p DHT port                            7001
+#   P2PDILOCO_BULK_PORT       Reduce's bulk port (-1: none)              7002
 #   P2PDILOCO_JOIN_DIR        shared folder of live peers' addresses     /swarm/join ("": none)
 #   P2PDILOCO_INITIAL_PEERS   multiaddrs to join through instead         none
 #   P2PDILOCO_CHECKPOINT_DIR  where checkpoints go                       /checkpoints
@@ -92,6 +93,7 @@ fi
 args=(peer --run-id "$run_id"
       --host "${P2PDILOCO_HOST:-0.0.0.0}" --announce-host "$announce"
       --port "${P2PDILOCO_PORT:-7000}" --dht-port "${P2PDILOCO_DHT_PORT:-7001}"
+      --bulk-port "${P2PDILOCO_BULK_PORT:-7002}"
       --checkpoint-dir "${P2PDILOCO_CHECKPOINT_DIR:-/checkpoints}")
 if [ -n "$join_dir" ]; then
     args+=(--join-dir "$join_dir")

@@ -70,10 +70,8 @@ def weighted_mean(parts: list[tuple[Encoded | torch.Tensor, float]]) -> torch.Te
     acc = None
     for enc, w in parts:
         x = enc.decode() if isinstance(enc, Encoded) else enc
-        if acc is None:  # 0 + w·x is w·x, without a pass to zero the accumulator first
-            acc = torch.mul(x.float(), w / total)
-        else:
-            acc.add_(x, alpha=w / total)
+        acc = torch.zeros(x.numel(), dtype=torch.float32) if acc is None else acc
+        acc.add_(x, alpha=w / total)
     return acc
 
 

@@ -190,7 +190,8 @@ def test_compose_services_run_a_peer_command_the_cli_accepts(tmp_path, name):
     argv = exec_argv(tmp_path, service["command"], service_env(name))
     sim, swarm, hw = configs(argv)
     assert swarm.join_dir == "/swarm/join" and not swarm.initial_peers
-    assert (swarm.host, swarm.announce_host, swarm.port, swarm.dht_port) == ("0.0.0.0", this_host_ip(), 7000, 7001)
+    assert (swarm.host, swarm.announce_host, swarm.port, swarm.dht_port, swarm.bulk_port) == (
+        "0.0.0.0", this_host_ip(), 7000, 7001, 7002)
     assert swarm.run_id == "p2pdiloco" and swarm.checkpoint_dir == "/checkpoints"
     assert ("--data" in argv) == HOST_DATA
     if name == "peer-gpu":

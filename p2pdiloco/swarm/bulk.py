@@ -201,12 +201,14 @@ class _OwnerSide(_Framed):
         self.expect(_LENGTH.size, self._length)
         self.transport.resume_reading()
 
-    def _answer(self, code: grpc.StatusCode, data: bytes) -> None:
-        self.transport.writelines([_REPLY.pack(code.value[0], len(data)), data])
+    def _answer(self, code: grpc.StatusCode, data: bytes | list) -> None:
+        pieces = data if isinstance(data, list) else [data]
+        self.transport.writelines([_REPLY.pack(code.value[0], sum(len(p) for p in pieces)), *pieces])
 
 
 class BulkServer:
-    """This peer's bulk port. `handler(request bytes) -> reply bytes` raises BulkError to refuse."""
+    """This peer's bulk port. `handler(request bytes) -> reply` (bytes, or a list of buffers to
+    write one after the other) raises BulkError to refuse."""
 
     def __init__(self, handler, max_message_bytes: int, timeout_s: float):
         self.handler, self.max_message_bytes, self.timeout_s = handler, max_message_bytes, timeout_s

@@ -30,7 +30,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from ..averaging import AverageResult, SyncKey, span_bounds, weighted_mean
-from ..codecs import HEADER, HEADER_BYTES, CodecError, Encoded, from_bytes, parse_header
+from ..codecs import HEADER, HEADER_BYTES, CastCodec, CodecError, Encoded, from_bytes, parse_header
 from .gen import p2pdiloco_pb2 as pb
 from .gen import p2pdiloco_pb2_grpc as pb_grpc
 from . import reachability
@@ -173,10 +173,13 @@ class Identity:
                           f"same model, fragments, codec and schedule")
 
 
-# Spans up to this many values are averaged on the event loop itself (a few ms of torch): handed to a
-# thread, each of the reply's torch calls waits for the GIL behind the loop's own work, up to the
-# 5 ms switch interval each (20-60 ms per reply seen on 2 loaded cores, against 3-15 ms inline).
-# Larger spans go to a thread, so that the loop is never blocked for long.
+# Spans of a plain cast codec (fp32, bf16, fp16) up to this many values are averaged on the event
+# loop itself, a few ms of memory passes: handed to a thread, each of the reply's torch calls waited
+# for the GIL behind the loop's own work, up to the 5 ms switch interval each (20-60 ms per reply
+# seen on 2 loaded cores, against 3-15 ms inline). E3M0's reply (a fused sum and an encode) is more
+# compute than waiting, and runs in a thread, where it overlaps the loop's transfers (bench
+# allreduce: 0.14 s in a thread, 0.18-0.25 s inline). Larger spans always go to a thread, so that
+# the loop is never blocked for long.
 INLINE_REPLY_NUMEL = 1 << 23
 
 
@@ -193,9 +196,17 @@ class _Round:
     # Parts that came before the owner opened the round: (group id, part, weight).
     early: dict[str, tuple[bytes, torch.Tensor | Encoded, float]] = field(default_factory=dict)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-    reply: bytes | None = None  # the serialized ReduceReply, the same for every member
+    # The ReduceReply, the same for every member, serialized as buffers to write one after the
+    # other (the bulk port does), and joined once if a transport needs one `bytes`.
+    reply: list | None = None
+    joined: bytes | None = None
     aborted: bool = False  # the owner's own average failed: every member's must fail too
     created: float = field(default_factory=time.monotonic)
+
+    def reply_bytes(self) -> bytes:
+        if self.joined is None:
+            self.joined = b"".join(self.reply)
+        return self.joined
 
 
 class RoundBook:
@@ -210,8 +221,9 @@ class RoundBook:
         for k in [k for k, r in self.rounds.items() if time.monotonic() - r.created > 4 * self.timeout]:
             del self.rounds[k]
 
-    async def own(self, group: Group, part: Encoded, weight: float) -> tuple[pb.ReduceReply, int]:
-        """Open my span; returns the reply every member gets and the bytes I sent answering them."""
+    async def own(self, group: Group, part: Encoded, weight: float) -> tuple[pb.ReduceReply, Encoded, int]:
+        """Open my span; returns the reply every member gets (without its payload), the encoded
+        mean of my span (its payload) and the bytes I sent answering them."""
         self._gc()
         rnd = self.rounds.setdefault(group.key, _Round())
         async with rnd.changed:
@@ -236,14 +248,16 @@ class RoundBook:
             if sum(w for _, w in parts) <= 0:  # nobody trained since the last round: plain mean
                 parts = [(enc, 1.0) for enc, _ in parts]
             total = float(sum(w for _, w in parts))
-            if part.numel <= INLINE_REPLY_NUMEL:
-                rnd.reply, nbytes = _reply(part.codec, parts, names, total)
+            if isinstance(part.codec, CastCodec) and part.numel <= INLINE_REPLY_NUMEL:
+                head, mean = _reply(part.codec, parts, names, total)
             else:
-                rnd.reply, nbytes = await asyncio.get_running_loop().run_in_executor(
+                head, mean = await asyncio.get_running_loop().run_in_executor(
                     None, _reply, part.codec, parts, names, total)
+            pieces = payload_pieces(mean)
+            rnd.reply = with_payload(head.SerializeToString(), REPLY_PAYLOAD, pieces)
             rnd.changed.notify_all()
         asyncio.get_running_loop().call_later(self.timeout, self.rounds.pop, group.key, None)
-        return split_payload(rnd.reply, REPLY_PAYLOAD, pb.ReduceReply), nbytes * (len(names) - 1)
+        return head, mean, sum(len(p) for p in pieces) * (len(names) - 1)
 
     async def abort(self, key: SyncKey) -> None:
         """My average of `key` failed: fail the members' calls for my span too, so that a round
@@ -255,8 +269,9 @@ class RoundBook:
                     rnd.aborted = True
                 rnd.changed.notify_all()
 
-    async def receive(self, request: pb.ReduceRequest, payload=None) -> bytes:
-        """One member's part of my span (`payload`, or the request's own): the serialized reply."""
+    async def receive(self, request: pb.ReduceRequest, payload=None) -> _Round:
+        """One member's part of my span (`payload`, or the request's own): the round, once its
+        reply is ready."""
         self.identity.check(request.caller)
         key = SyncKey(request.kind, request.index, request.round)
         sender = request.caller.peer_id
@@ -289,7 +304,7 @@ class RoundBook:
                 raise Refused(grpc.StatusCode.ABORTED, f"the owner's own average of {key} failed")
             if rnd.reply is None or sender not in rnd.parts:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"{sender}'s part does not fit my group for {key}")
-            return rnd.reply
+            return rnd
 
 
 def _kept(enc: Encoded) -> torch.Tensor | Encoded:
@@ -302,11 +317,9 @@ def _numel(part: torch.Tensor | Encoded) -> int:
 
 
 def _reply(codec, parts: list[tuple[torch.Tensor | Encoded, float]], names: list[str],
-           total: float) -> tuple[bytes, int]:
-    """The owner's answer, serialized once for all members: the encoded weighted mean of the parts."""
-    pieces = payload_pieces(codec.encode(weighted_mean(parts)))
-    head = pb.ReduceReply(participants=names, total_weight=total).SerializeToString()
-    return b"".join(with_payload(head, REPLY_PAYLOAD, pieces)), sum(len(p) for p in pieces)
+           total: float) -> tuple[pb.ReduceReply, Encoded]:
+    """The owner's answer for all members: who took part, and the encoded weighted mean of the parts."""
+    return pb.ReduceReply(participants=names, total_weight=total), codec.encode(weighted_mean(parts))
 
 
 class Servicer(pb_grpc.AveragingServicer):
@@ -315,7 +328,7 @@ class Servicer(pb_grpc.AveragingServicer):
 
     async def reduce(self, request: pb.ReduceRequest, payload, context) -> bytes | None:
         try:
-            return await self.book.receive(request, payload)
+            return (await self.book.receive(request, payload)).reply_bytes()
         except Refused as exc:
             log.warning("refused a part from %s: %s", request.caller.peer_id or "?", exc)
             await context.abort(exc.code, str(exc))
@@ -327,11 +340,12 @@ class Servicer(pb_grpc.AveragingServicer):
     async def _reduce_wire(self, request: tuple, context) -> bytes:
         return await self.reduce(*request, context)
 
-    async def reduce_bulk(self, data: bytearray) -> bytes:
-        """Reduce on the bulk port (bulk.py): the serialized request in, the serialized reply out."""
+    async def reduce_bulk(self, data: memoryview) -> list:
+        """Reduce on the bulk port (bulk.py): the serialized request in, the serialized reply out
+        (as buffers to write one after the other)."""
         request, payload = _split_request(data)
         try:
-            return await self.book.receive(request, payload)
+            return (await self.book.receive(request, payload)).reply
         except Refused as exc:
             log.warning("refused a part from %s: %s", request.caller.peer_id or "?", exc)
             raise BulkError(exc.code, str(exc)) from None
@@ -488,7 +502,7 @@ async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: 
     sent = 0
 
     def take(i: int, reply: pb.ReduceReply, payload) -> pb.ReduceReply:
-        enc = parse_payload(payload)
+        enc = payload if isinstance(payload, Encoded) else parse_payload(payload)
         lo, hi = spans[i]
         if enc.numel != hi - lo:
             raise RuntimeError(f"{enc.numel} values in the mean, expected {hi - lo}")
@@ -507,9 +521,9 @@ async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: 
     async def own(i: int) -> pb.ReduceReply:
         nonlocal sent
         lo, hi = spans[i]
-        (reply, payload), nbytes = await book.own(group, encoded.slice(lo, hi), weight)
+        reply, my_mean, nbytes = await book.own(group, encoded.slice(lo, hi), weight)
         sent += nbytes
-        return take(i, reply, payload)
+        return take(i, reply, my_mean)
 
     me = group.my_index
     mine = asyncio.ensure_future(own(me))
