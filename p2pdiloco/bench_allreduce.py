@@ -62,7 +62,8 @@ def peer_tensor(rank: int, numel: int) -> torch.Tensor:
 def _p2pdiloco(codec_name, bulk, rank, peers, x, rendezvous, timeout):
     from .averaging import SyncKey
     from .codecs import get_codec
-    from .swarm.dataplane import Channels, Identity, RoundBook, Servicer, allreduce
+    from .swarm.channels import Channels
+    from .swarm.dataplane import Identity, RoundBook, Servicer, allreduce
     from .swarm.loop import BackgroundLoop
     from .swarm.matchmaking import make_group
     from .swarm.servers import Servers, address

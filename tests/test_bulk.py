@@ -14,7 +14,8 @@ import torch
 from p2pdiloco.averaging import SyncKey
 from p2pdiloco.codecs import get_codec
 from p2pdiloco.swarm import bulk
-from p2pdiloco.swarm.dataplane import Channels, Identity, RoundBook, Servicer, allreduce
+from p2pdiloco.swarm.channels import Channels
+from p2pdiloco.swarm.dataplane import Identity, RoundBook, Servicer, allreduce
 from p2pdiloco.swarm.gen import p2pdiloco_pb2 as pb
 from p2pdiloco.swarm.loop import BackgroundLoop
 from p2pdiloco.swarm.matchmaking import make_group

@@ -189,7 +189,7 @@ def test_reduce_messages_are_protobufs_and_payloads_round_trip(codec, numel):
     import torch
 
     from p2pdiloco.codecs import get_codec
-    from p2pdiloco.swarm import dataplane as dp
+    from p2pdiloco.swarm import wire as dp
     from p2pdiloco.swarm.gen import p2pdiloco_pb2 as pb
 
     enc = get_codec(codec).encode(torch.randn(numel))
@@ -213,7 +213,7 @@ def test_reduce_messages_are_protobufs_and_payloads_round_trip(codec, numel):
 
 
 def test_split_payload_agrees_with_protobuf_on_repeats_and_unknown_fields():
-    from p2pdiloco.swarm import dataplane as dp
+    from p2pdiloco.swarm import wire as dp
     from p2pdiloco.swarm.gen import p2pdiloco_pb2 as pb
 
     # The payload field twice (the last one wins) and an unknown field 99 (kept), as protobuf parses them.
@@ -230,7 +230,7 @@ def test_split_payload_agrees_with_protobuf_on_repeats_and_unknown_fields():
 def test_split_payload_refuses_malformed_messages(wire):
     from google.protobuf.message import DecodeError
 
-    from p2pdiloco.swarm import dataplane as dp
+    from p2pdiloco.swarm import wire as dp
     from p2pdiloco.swarm.gen import p2pdiloco_pb2 as pb
 
     with pytest.raises(DecodeError):
@@ -241,7 +241,7 @@ def test_parse_payload_checks_like_codecs_from_bytes():
     import torch
 
     from p2pdiloco.codecs import CodecError, from_bytes, get_codec
-    from p2pdiloco.swarm import dataplane as dp
+    from p2pdiloco.swarm import wire as dp
 
     good = get_codec("e3m0").encode(torch.randn(3000)).to_bytes()
     bad = [b"", b"\x01\x00", b"\x07garbage", b"\x05\x03" + good[2:], good[:-1], good + b"\x00",

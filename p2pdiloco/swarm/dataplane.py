@@ -1,4 +1,5 @@
-"""The data plane: one group average (reduce-scatter + all-gather) over gRPC, served on grpc.aio.
+"""The data plane: one group average (reduce-scatter + all-gather), whichever transport carries it
+(channels.py: the bulk port, gRPC or libp2p; each peer serves all three with this one `Servicer`).
 
 `allreduce` is the member's side: it cuts its encoded vector into the group's spans, opens its own
 span in the `RoundBook` and calls `Reduce` on every other owner with its part of that owner's span.
@@ -9,11 +10,11 @@ that timeout, and the parts it did send still count.
 
 Everything that arrives is checked before it is used: the caller's run, protocol version and config
 hash (a mismatch is refused with FAILED_PRECONDITION, never averaged), the group id, the payload's
-codec, length and finiteness (INVALID_ARGUMENT). Oversized messages are refused by gRPC itself
+codec, length and finiteness (INVALID_ARGUMENT). Oversized messages are refused by the transport
 (RESOURCE_EXHAUSTED, `max_message_bytes`). None of these fails the owner's round.
 
-On gRPC, Reduce's payload bypasses protobuf's copies (see "Reduce on the wire" below); the bytes on
-the wire are the proto's messages all the same, and libp2p carries them as protobuf messages.
+On gRPC and the bulk port, Reduce's payload bypasses protobuf's copies (wire.py); the bytes on the
+wire are the proto's messages all the same, and libp2p carries them as protobuf messages.
 """
 from __future__ import annotations
 
@@ -22,118 +23,23 @@ import hashlib
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import grpc
 import torch
-from google.protobuf.message import DecodeError
 
 from ..averaging import AverageResult, SyncKey, span_bounds, weighted_mean
-from ..codecs import HEADER, HEADER_BYTES, CastCodec, CodecError, Encoded, from_bytes, parse_header
+from ..codecs import CastCodec, CodecError, Encoded
 from .gen import p2pdiloco_pb2 as pb
 from .gen import p2pdiloco_pb2_grpc as pb_grpc
 from . import reachability
-from .libp2p import ADDRESS_PREFIX, LibP2PStub
 from .matchmaking import Group
-from .bulk import BulkError, BulkPool, BulkUnreachable
-from .records import PROTOCOL_VERSION, split_address
+from .bulk import BulkError
+from .channels import Channels
+from .records import PROTOCOL_VERSION
+from .wire import REPLY_PAYLOAD, SERVICE, parse_payload, payload_pieces, split_request, with_payload
 
 log = logging.getLogger("p2pdiloco.dataplane")
-
-
-# ---- Reduce on the wire, copying each payload once on each side.
-#
-# The messages are proto/p2pdiloco.proto's, byte for byte, but on the gRPC path the payload is never
-# held by a protobuf message: a protobuf `bytes` field costs a full copy when it is set, serialized,
-# parsed and read. The sender serializes the message without its payload and appends the payload
-# field (tag, length, bytes) in one join; the receiver walks the message's top-level fields, keeps the
-# payload as a view of the received buffer, and parses the rest with protobuf. (Fields may come in any
-# order on the wire, and of a singular field that appears twice the last one wins, as in protobuf.)
-
-REQUEST_PAYLOAD, REPLY_PAYLOAD = 7, 1  # field numbers of ReduceRequest.payload and ReduceReply.payload
-_NO_BYTES = memoryview(b"")
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        if i >= len(data) or shift > 63:
-            raise DecodeError("truncated or overlong varint")
-        b = data[i]
-        n |= (b & 0x7F) << shift
-        i += 1
-        if b < 0x80:
-            return n, i
-        shift += 7
-
-
-def payload_pieces(enc: Encoded) -> list:
-    """`enc.to_bytes()` as buffers to join: the header, then views of the scales and values."""
-    head = HEADER.pack(enc.codec.codec_id, enc.codec.block.bit_length() - 1, 0, enc.numel)
-    return [head] + [memoryview(t.contiguous().view(torch.uint8).numpy()) for t in (enc.scales, enc.values)
-                     if t.numel()]
-
-
-def with_payload(head: bytes, field_number: int, pieces: list) -> list:
-    """A serialized message without its payload (`head`), followed by the payload field: as
-    buffers to join or to write one after the other."""
-    size = sum(len(p) for p in pieces)
-    return [head, _varint(field_number << 3 | 2), _varint(size), *pieces]
-
-
-def split_payload(data: bytes, field_number: int, message_type):
-    """Parse a serialized message whose `field_number` is a bytes field: (the message without that
-    field, that field's value as a view of `data`). Raises DecodeError on a malformed message."""
-    view, i, payload, rest = memoryview(data), 0, _NO_BYTES, []
-    while i < len(data):
-        start = i
-        key, i = _read_varint(data, i)
-        wire_type = key & 7
-        if wire_type == 0:
-            i = _read_varint(data, i)[1]
-        elif wire_type == 1:
-            i += 8
-        elif wire_type == 5:
-            i += 4
-        elif wire_type == 2:
-            length, i = _read_varint(data, i)
-            i += length
-        else:
-            raise DecodeError(f"wire type {wire_type} in a message of {message_type.__name__}")
-        if i > len(data):
-            raise DecodeError(f"truncated {message_type.__name__}")
-        if wire_type == 2 and key >> 3 == field_number:
-            payload = view[i - length: i]
-        else:
-            rest.append(view[start:i])
-    return message_type.FromString(b"".join(rest)), payload
-
-
-def parse_payload(payload) -> Encoded:
-    """`codecs.from_bytes` without its copy: the tensors view `payload` (a received message, which
-    nothing writes to; they are only read). Same checks, same errors."""
-    codec, numel, body = parse_header(payload)
-    expected = codec.nbytes(numel) - HEADER_BYTES
-    if len(body) != expected:
-        raise CodecError(f"{codec.name} payload of {numel} values must be {expected} bytes, got {len(body)}")
-    if not expected:
-        return from_bytes(bytes(payload))
-    with warnings.catch_warnings():  # read-only buffer: these tensors are never written to
-        warnings.simplefilter("ignore", UserWarning)
-        raw = torch.frombuffer(body, dtype=torch.uint8)
-    nscale = expected - -(-numel * codec.bits // 8)
-    scales = raw[:nscale].view(codec.scale_dtype) if nscale else torch.empty(0, dtype=codec.scale_dtype)
-    return Encoded(codec, numel, scales, raw[nscale:])
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -343,7 +249,7 @@ class Servicer(pb_grpc.AveragingServicer):
     async def reduce_bulk(self, data: memoryview) -> list:
         """Reduce on the bulk port (bulk.py): the serialized request in, the serialized reply out
         (as buffers to write one after the other)."""
-        request, payload = _split_request(data)
+        request, payload = split_request(data)
         try:
             return (await self.book.receive(request, payload)).reply
         except Refused as exc:
@@ -374,22 +280,11 @@ class Servicer(pb_grpc.AveragingServicer):
                                 data=blob[i: i + chunk])
 
 
-SERVICE = "p2pdiloco.v1.Averaging"
-
-
-def _split_request(data: bytes) -> tuple[pb.ReduceRequest, memoryview]:
-    return split_payload(data, REQUEST_PAYLOAD, pb.ReduceRequest)
-
-
-def _split_reply(data: bytes) -> tuple[pb.ReduceReply, memoryview]:
-    return split_payload(data, REPLY_PAYLOAD, pb.ReduceReply)
-
-
 def serve(servicer: Servicer, server: grpc.aio.Server) -> None:
     """Register the Averaging service on `server`: the generated handlers, except that Reduce takes
     and gives its payload without protobuf's copies (the same messages on the wire)."""
     handlers = {
-        "Reduce": grpc.unary_unary_rpc_method_handler(servicer._reduce_wire, request_deserializer=_split_request),
+        "Reduce": grpc.unary_unary_rpc_method_handler(servicer._reduce_wire, request_deserializer=split_request),
         "DownloadState": grpc.unary_stream_rpc_method_handler(
             servicer.DownloadState, request_deserializer=pb.StateRequest.FromString,
             response_serializer=pb.StateChunk.SerializeToString),
@@ -399,94 +294,6 @@ def serve(servicer: Servicer, server: grpc.aio.Server) -> None:
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
-
-
-class _GrpcReduce:
-    """Reduce on a gRPC channel: the request goes out as serialized bytes (see `with_payload`)."""
-
-    def __init__(self, channel: grpc.aio.Channel):
-        self.call = channel.unary_unary(f"/{SERVICE}/Reduce", response_deserializer=_split_reply,
-                                        _registered_method=True)
-
-    async def __call__(self, request: pb.ReduceRequest, pieces: list, timeout: float):
-        return await self.call(b"".join(with_payload(request.SerializeToString(), REQUEST_PAYLOAD, pieces)),
-                               timeout=timeout)
-
-
-class _BulkReduce:
-    """Reduce on a peer's bulk port (bulk.py), or over gRPC while that port cannot be reached."""
-
-    def __init__(self, pool: BulkPool, host: str, port: int, fallback: _GrpcReduce):
-        self.pool, self.host, self.port, self.fallback = pool, host, port, fallback
-
-    async def __call__(self, request: pb.ReduceRequest, pieces: list, timeout: float):
-        message = with_payload(request.SerializeToString(), REQUEST_PAYLOAD, pieces)
-        try:
-            return _split_reply(await self.pool.call(self.host, self.port, message, timeout))
-        except BulkUnreachable:
-            return await self.fallback(request, pieces, timeout)
-
-
-class _LibP2PReduce:
-    def __init__(self, stub: LibP2PStub):
-        self.stub = stub
-
-    async def __call__(self, request: pb.ReduceRequest, pieces: list, timeout: float):
-        request.payload = b"".join(pieces)
-        reply = await self.stub.Reduce(request, timeout=timeout)
-        return reply, reply.payload
-
-
-class Channels:
-    """One gRPC channel per remote address, and bulk connections (bulk.py), reused across rounds."""
-
-    def __init__(self, max_message_bytes: int):
-        self.options = channel_options(max_message_bytes)
-        self.stubs: dict[str, pb_grpc.AveragingStub] = {}
-        self.reducers: dict[str, _GrpcReduce] = {}
-        self.channels: dict[str, grpc.aio.Channel] = {}
-        self.bulk = BulkPool(max_message_bytes)
-        self.p2p = None  # hivemind's P2P, for peers that announced a libp2p address (libp2p.py)
-
-    def _libp2p(self, address: str) -> LibP2PStub:
-        if self.p2p is None:
-            raise RuntimeError(f"{address} is reachable over libp2p only, and libp2p is not up here")
-        return LibP2PStub(self.p2p, address)
-
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        host, port, _ = split_address(address)
-        target = f"{host}:{port}"
-        if target not in self.channels:
-            self.channels[target] = grpc.aio.insecure_channel(target, options=self.options)
-        return self.channels[target]
-
-    def stub(self, address: str) -> pb_grpc.AveragingStub:
-        if address.startswith(ADDRESS_PREFIX):
-            return self._libp2p(address)
-        if address not in self.stubs:
-            self.stubs[address] = pb_grpc.AveragingStub(self._channel(address))
-        return self.stubs[address]
-
-    def reduce(self, address: str):
-        """`await reduce(address)(request, payload pieces, timeout)` → (reply without payload, payload)."""
-        if address.startswith(ADDRESS_PREFIX):
-            return _LibP2PReduce(self._libp2p(address))
-        if address not in self.reducers:
-            self.reducers[address] = _GrpcReduce(self._channel(address))
-        host, _, bulk_port = split_address(address)
-        if bulk_port is not None and self.bulk.reachable(host, bulk_port):
-            return _BulkReduce(self.bulk, host.strip("[]"), bulk_port, self.reducers[address])
-        return self.reducers[address]
-
-    async def close(self) -> None:
-        self.bulk.close()
-        for channel in self.channels.values():
-            await channel.close(grace=None)
 
 
 async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: Encoded, weight: float,

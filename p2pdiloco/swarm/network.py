@@ -23,7 +23,8 @@ from .config import SwarmConfig
 from . import libp2p, reachability
 from .control import ControlConfig, ControlPlane
 from . import servers
-from .dataplane import Channels, Identity, RoundBook, Servicer, allreduce
+from .channels import Channels
+from .dataplane import Identity, RoundBook, Servicer, allreduce
 from .servers import Servers
 from .loop import BackgroundLoop
 from .matchmaking import Member, form_group

@@ -7,7 +7,8 @@ import grpc
 
 from .bulk import BulkServer
 from .control import SwarmStartError
-from .dataplane import Servicer, channel_options, serve
+from .channels import channel_options
+from .dataplane import Servicer, serve
 
 
 class Servers:

@@ -1,0 +1,101 @@
+"""How a peer calls the others' Reduce: one gRPC channel per address, bulk connections (bulk.py)
+for peers that announced a bulk port, and libp2p streams for peers that announced `p2p:<peer id>`
+(libp2p.py). `Channels.reduce(address)` picks the transport from the address alone."""
+from __future__ import annotations
+
+import grpc
+
+from .bulk import BulkPool, BulkUnreachable
+from .gen import p2pdiloco_pb2 as pb
+from .gen import p2pdiloco_pb2_grpc as pb_grpc
+from .libp2p import ADDRESS_PREFIX, LibP2PStub
+from .records import split_address
+from .wire import REQUEST_PAYLOAD, SERVICE, split_reply, with_payload
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+class _GrpcReduce:
+    """Reduce on a gRPC channel: the request goes out as serialized bytes (see `with_payload`)."""
+
+    def __init__(self, channel: grpc.aio.Channel):
+        self.call = channel.unary_unary(f"/{SERVICE}/Reduce", response_deserializer=split_reply,
+                                        _registered_method=True)
+
+    async def __call__(self, request: pb.ReduceRequest, pieces: list, timeout: float):
+        return await self.call(b"".join(with_payload(request.SerializeToString(), REQUEST_PAYLOAD, pieces)),
+                               timeout=timeout)
+
+
+class _BulkReduce:
+    """Reduce on a peer's bulk port (bulk.py), or over gRPC while that port cannot be reached."""
+
+    def __init__(self, pool: BulkPool, host: str, port: int, fallback: _GrpcReduce):
+        self.pool, self.host, self.port, self.fallback = pool, host, port, fallback
+
+    async def __call__(self, request: pb.ReduceRequest, pieces: list, timeout: float):
+        message = with_payload(request.SerializeToString(), REQUEST_PAYLOAD, pieces)
+        try:
+            return split_reply(await self.pool.call(self.host, self.port, message, timeout))
+        except BulkUnreachable:
+            return await self.fallback(request, pieces, timeout)
+
+
+class _LibP2PReduce:
+    def __init__(self, stub: LibP2PStub):
+        self.stub = stub
+
+    async def __call__(self, request: pb.ReduceRequest, pieces: list, timeout: float):
+        request.payload = b"".join(pieces)
+        reply = await self.stub.Reduce(request, timeout=timeout)
+        return reply, reply.payload
+
+
+class Channels:
+    """One gRPC channel per remote address, and bulk connections (bulk.py), reused across rounds."""
+
+    def __init__(self, max_message_bytes: int):
+        self.options = channel_options(max_message_bytes)
+        self.stubs: dict[str, pb_grpc.AveragingStub] = {}
+        self.reducers: dict[str, _GrpcReduce] = {}
+        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.bulk = BulkPool(max_message_bytes)
+        self.p2p = None  # hivemind's P2P, for peers that announced a libp2p address (libp2p.py)
+
+    def _libp2p(self, address: str) -> LibP2PStub:
+        if self.p2p is None:
+            raise RuntimeError(f"{address} is reachable over libp2p only, and libp2p is not up here")
+        return LibP2PStub(self.p2p, address)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        host, port, _ = split_address(address)
+        target = f"{host}:{port}"
+        if target not in self.channels:
+            self.channels[target] = grpc.aio.insecure_channel(target, options=self.options)
+        return self.channels[target]
+
+    def stub(self, address: str) -> pb_grpc.AveragingStub:
+        if address.startswith(ADDRESS_PREFIX):
+            return self._libp2p(address)
+        if address not in self.stubs:
+            self.stubs[address] = pb_grpc.AveragingStub(self._channel(address))
+        return self.stubs[address]
+
+    def reduce(self, address: str):
+        """`await reduce(address)(request, payload pieces, timeout)` → (reply without payload, payload)."""
+        if address.startswith(ADDRESS_PREFIX):
+            return _LibP2PReduce(self._libp2p(address))
+        if address not in self.reducers:
+            self.reducers[address] = _GrpcReduce(self._channel(address))
+        host, _, bulk_port = split_address(address)
+        if bulk_port is not None and self.bulk.reachable(host, bulk_port):
+            return _BulkReduce(self.bulk, host.strip("[]"), bulk_port, self.reducers[address])
+        return self.reducers[address]
+
+    async def close(self) -> None:
+        self.bulk.close()
+        for channel in self.channels.values():
+            await channel.close(grace=None)

@@ -1,0 +1,112 @@
+"""Reduce on the wire, copying each payload once on each side.
+
+The messages are proto/p2pdiloco.proto's, byte for byte, but on the gRPC path and the bulk port
+(bulk.py) the payload is never held by a protobuf message: a protobuf `bytes` field costs a full
+copy when it is set, serialized, parsed and read. The sender serializes the message without its
+payload and appends the payload field (tag, length, bytes) as separate buffers; the receiver walks
+the message's top-level fields, keeps the payload as a view of the received buffer, and parses the
+rest with protobuf. (Fields may come in any order on the wire, and of a singular field that
+appears twice the last one wins, as in protobuf.)
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from google.protobuf.message import DecodeError
+
+from ..codecs import HEADER, HEADER_BYTES, CodecError, Encoded, from_bytes, parse_header
+from .gen import p2pdiloco_pb2 as pb
+
+SERVICE = "p2pdiloco.v1.Averaging"
+REQUEST_PAYLOAD, REPLY_PAYLOAD = 7, 1  # field numbers of ReduceRequest.payload and ReduceReply.payload
+_NO_BYTES = memoryview(b"")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        if i >= len(data) or shift > 63:
+            raise DecodeError("truncated or overlong varint")
+        b = data[i]
+        n |= (b & 0x7F) << shift
+        i += 1
+        if b < 0x80:
+            return n, i
+        shift += 7
+
+
+def payload_pieces(enc: Encoded) -> list:
+    """`enc.to_bytes()` as buffers to join: the header, then views of the scales and values."""
+    head = HEADER.pack(enc.codec.codec_id, enc.codec.block.bit_length() - 1, 0, enc.numel)
+    return [head] + [memoryview(t.contiguous().view(torch.uint8).numpy()) for t in (enc.scales, enc.values)
+                     if t.numel()]
+
+
+def with_payload(head: bytes, field_number: int, pieces: list) -> list:
+    """A serialized message without its payload (`head`), followed by the payload field: as
+    buffers to join or to write one after the other."""
+    size = sum(len(p) for p in pieces)
+    return [head, _varint(field_number << 3 | 2), _varint(size), *pieces]
+
+
+def split_payload(data: bytes, field_number: int, message_type):
+    """Parse a serialized message whose `field_number` is a bytes field: (the message without that
+    field, that field's value as a view of `data`). Raises DecodeError on a malformed message."""
+    view, i, payload, rest = memoryview(data), 0, _NO_BYTES, []
+    while i < len(data):
+        start = i
+        key, i = _read_varint(data, i)
+        wire_type = key & 7
+        if wire_type == 0:
+            i = _read_varint(data, i)[1]
+        elif wire_type == 1:
+            i += 8
+        elif wire_type == 5:
+            i += 4
+        elif wire_type == 2:
+            length, i = _read_varint(data, i)
+            i += length
+        else:
+            raise DecodeError(f"wire type {wire_type} in a message of {message_type.__name__}")
+        if i > len(data):
+            raise DecodeError(f"truncated {message_type.__name__}")
+        if wire_type == 2 and key >> 3 == field_number:
+            payload = view[i - length: i]
+        else:
+            rest.append(view[start:i])
+    return message_type.FromString(b"".join(rest)), payload
+
+
+def parse_payload(payload) -> Encoded:
+    """`codecs.from_bytes` without its copy: the tensors view `payload` (a received message, which
+    nothing writes to; they are only read). Same checks, same errors."""
+    codec, numel, body = parse_header(payload)
+    expected = codec.nbytes(numel) - HEADER_BYTES
+    if len(body) != expected:
+        raise CodecError(f"{codec.name} payload of {numel} values must be {expected} bytes, got {len(body)}")
+    if not expected:
+        return from_bytes(bytes(payload))
+    with warnings.catch_warnings():  # read-only buffer: these tensors are never written to
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(body, dtype=torch.uint8)
+    nscale = expected - -(-numel * codec.bits // 8)
+    scales = raw[:nscale].view(codec.scale_dtype) if nscale else torch.empty(0, dtype=codec.scale_dtype)
+    return Encoded(codec, numel, scales, raw[nscale:])
+
+
+def split_request(data: bytes) -> tuple[pb.ReduceRequest, memoryview]:
+    return split_payload(data, REQUEST_PAYLOAD, pb.ReduceRequest)
+
+
+def split_reply(data: bytes) -> tuple[pb.ReduceReply, memoryview]:
+    return split_payload(data, REPLY_PAYLOAD, pb.ReduceReply)
