@@ -106,8 +106,10 @@ def test_peers_average_over_their_bulk_ports(planes):
     for res in results:
         assert torch.allclose(res.mean, sum(xs) / 3, atol=1e-6)
         assert res.participants == ("a", "b", "c")
-    # The calls went over the bulk ports: each caller keeps its connections to the two others.
+    # The calls went over the bulk ports: each caller keeps its connections to the two others ...
     assert all(len(sum(p.channels.bulk.idle.values(), [])) == 2 for p in (a, b, c))
+    # ... and read the fp32 means' values straight into place: no buffer took a whole reply.
+    assert all(max(x.size for x in p.channels.bulk.buffers.kept) < 1000 for p in (a, b, c))
 
 
 def test_an_unreachable_bulk_port_falls_back_to_grpc(planes, caplog):
@@ -188,3 +190,54 @@ def test_an_owner_that_goes_away_leaves_its_callers_clean(planes, caplog):
     time.sleep(0.5)
     assert all(c.transport.is_closing() for c in sum(a.channels.bulk.idle.values(), []))
     assert "Fatal error" not in caplog.text and "get_buffer" not in caplog.text
+
+
+def test_a_reply_with_its_payload_first_is_read_all_the_same(planes):
+    """Our owners put the payload last, and callers read an fp32 mean's values straight into place;
+    another implementation may write protobuf's own field order (payload first): still understood."""
+    import threading
+
+    from p2pdiloco.swarm import wire
+
+    mean = get_codec("fp32").encode(torch.arange(1000, dtype=torch.float32))
+    answer = pb.ReduceReply(payload=mean.to_bytes(), participants=["x"], total_weight=2.0).SerializeToString()
+    assert answer[0] >> 3 == wire.REPLY_PAYLOAD  # protobuf writes it first
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def owner():
+        conn, _ = server.accept()
+        with conn:
+            _recv(conn, len(bulk.MAGIC))
+            _recv(conn, struct.unpack("<Q", _recv(conn, 8))[0])
+            conn.sendall(struct.pack("<BQ", 0, len(answer)) + answer)
+
+    thread = threading.Thread(target=owner, daemon=True)
+    thread.start()
+    p = planes("caller")
+    into = torch.full((1000,), -1.0)
+
+    async def call():
+        reduce = p.channels.reduce(f"127.0.0.1:9+{server.getsockname()[1]}")
+        reply, payload = await reduce(pb.ReduceRequest(round=1), [b"part"], 5.0, memoryview(into.numpy()).cast("B"))
+        return reply, bytes(payload)
+
+    reply, payload = p.loop.call(call(), 10)
+    thread.join(5)
+    server.close()
+    assert list(reply.participants) == ["x"] and reply.total_weight == 2.0 and payload == mean.to_bytes()
+
+
+def test_split_payload_around_finds_a_last_payload_and_only_that():
+    from p2pdiloco.swarm import wire
+
+    values = get_codec("fp32").encode(torch.randn(50)).to_bytes()
+    head = pb.ReduceReply(participants=["a", "b"], total_weight=3.0)
+    ours = b"".join(wire.with_payload(head.SerializeToString(), wire.REPLY_PAYLOAD, [values]))
+    for tail in (1, 200, len(values) - 16):
+        message, in_place = wire.split_payload_around(memoryview(ours)[:-tail], tail, wire.REPLY_PAYLOAD,
+                                                      pb.ReduceReply)
+        assert message == head and bytes(in_place.head) + ours[-tail:] == values
+    theirs = pb.ReduceReply(payload=values, participants=["a", "b"], total_weight=3.0).SerializeToString()
+    assert wire.split_payload_around(memoryview(theirs)[:-200], 200, wire.REPLY_PAYLOAD, pb.ReduceReply) is None
+    with pytest.raises(wire.CodecError):  # a payload that is not the fp32 mean expected
+        wire.check_in_place(wire.InPlace(memoryview(values)[:16], len(values) - 16), 49)

@@ -99,14 +99,15 @@ class _Framed(asyncio.BufferedProtocol):
         self._view, self._got, self._then = None, 0, None
         self._timer: asyncio.TimerHandle | None = None
 
-    def expect(self, n: int, then, within_s: float | None = None) -> None:
+    def expect(self, n: int, then, within_s: float | None = None, into: memoryview | None = None) -> None:
+        """Read the next n bytes into `into` (n bytes long) or a buffer of `buffers`, then call `then`."""
         self._cancel_timer()
         if within_s is not None:
             self._timer = asyncio.get_running_loop().call_later(within_s, self._too_slow)
         if n == 0:
             then(memoryview(b""))
             return
-        self._view, self._got, self._then = self.buffers.get(n), 0, then
+        self._view, self._got, self._then = (self.buffers.get(n) if into is None else into), 0, then
 
     def get_buffer(self, sizehint: int):
         # Between messages the event loop may still read (an EOF, or bytes nobody asked for).
@@ -238,20 +239,25 @@ class _CallerSide(_Framed):
         self.max_message_bytes = max_message_bytes
         self.reply: asyncio.Future | None = None
         self.status = grpc.StatusCode.OK
+        self.into: memoryview | None = None
+        self.prefix: memoryview | None = None
 
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
         if self.reply is not None and not self.reply.done():
             self.reply.set_exception(BulkError(grpc.StatusCode.UNAVAILABLE, f"the owner closed the connection ({exc})"))
 
-    async def call(self, pieces: list) -> memoryview:
-        """Send one request (its serialized pieces); the reply's bytes, or BulkError."""
+    async def call(self, pieces: list, into: memoryview | None = None) -> list[memoryview]:
+        """Send one request (its serialized pieces); the reply's bytes, or BulkError. With `into`,
+        a reply longer than it has its last len(into) bytes read straight into it: [the bytes
+        before, into]; else [the reply]."""
         self.reply = asyncio.get_running_loop().create_future()
+        self.into = into
         self.expect(_REPLY.size, self._head)
         self.transport.writelines([_LENGTH.pack(sum(len(p) for p in pieces)), *pieces])
         code, body = await self.reply
         if code != grpc.StatusCode.OK:
-            raise BulkError(code, bytes(body).decode(errors="replace"))
+            raise BulkError(code, bytes(body[0]).decode(errors="replace"))
         return body
 
     def _head(self, head: memoryview) -> None:
@@ -262,11 +268,24 @@ class _CallerSide(_Framed):
                                                f"reply of {n} bytes is over the limit (--max-message-mb)"))
             self.transport.abort()
             return
-        self.expect(n, self._body)
+        if self.status == grpc.StatusCode.OK and self.into is not None and n > len(self.into):
+            self.expect(n - len(self.into), self._prefix)
+        else:
+            self.expect(n, self._body)
+
+    def _prefix(self, prefix: memoryview) -> None:
+        self.prefix = prefix
+        self.expect(len(self.into), self._tail, into=self.into)
+
+    def _tail(self, tail: memoryview) -> None:
+        if not self.reply.done():
+            self.reply.set_result((self.status, [self.prefix, tail]))
+        self.prefix = self.into = None
 
     def _body(self, body: memoryview) -> None:
         if not self.reply.done():
-            self.reply.set_result((self.status, body))
+            self.reply.set_result((self.status, [body]))
+        self.into = None
 
 
 class BulkPool:
@@ -294,9 +313,11 @@ class BulkPool:
         conn.transport.write(MAGIC)
         return conn
 
-    async def call(self, host: str, port: int, pieces: list, timeout_s: float) -> memoryview:
-        """One Reduce: the reply's bytes. BulkUnreachable if no connection could be made,
-        BulkError if the owner refused or failed it, asyncio.TimeoutError past `timeout_s`."""
+    async def call(self, host: str, port: int, pieces: list, timeout_s: float,
+                   into: memoryview | None = None) -> list[memoryview]:
+        """One Reduce: the reply's bytes, as `_CallerSide.call` gives them. BulkUnreachable if no
+        connection could be made, BulkError if the owner refused or failed it, asyncio.TimeoutError
+        past `timeout_s`."""
         idle = self.idle.setdefault((host, port), [])
         conn = None
         while idle and conn is None:
@@ -307,7 +328,7 @@ class BulkPool:
         if conn is None:
             conn = await self._connect(host, port)
         try:
-            body = await asyncio.wait_for(conn.call(pieces), max(deadline - time.monotonic(), 0.0))
+            body = await asyncio.wait_for(conn.call(pieces, into), max(deadline - time.monotonic(), 0.0))
         except BaseException:
             conn.transport.abort()  # mid-call: the connection cannot carry another call
             raise

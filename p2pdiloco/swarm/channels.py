@@ -10,7 +10,7 @@ from .gen import p2pdiloco_pb2 as pb
 from .gen import p2pdiloco_pb2_grpc as pb_grpc
 from .libp2p import ADDRESS_PREFIX, LibP2PStub
 from .records import split_address
-from .wire import REQUEST_PAYLOAD, SERVICE, split_reply, with_payload
+from .wire import REPLY_PAYLOAD, REQUEST_PAYLOAD, SERVICE, split_payload_around, split_reply, with_payload
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -25,7 +25,7 @@ class _GrpcReduce:
         self.call = channel.unary_unary(f"/{SERVICE}/Reduce", response_deserializer=split_reply,
                                         _registered_method=True)
 
-    async def __call__(self, request: pb.ReduceRequest, pieces: list, timeout: float):
+    async def __call__(self, request: pb.ReduceRequest, pieces: list, timeout: float, into=None):
         return await self.call(b"".join(with_payload(request.SerializeToString(), REQUEST_PAYLOAD, pieces)),
                                timeout=timeout)
 
@@ -36,19 +36,24 @@ class _BulkReduce:
     def __init__(self, pool: BulkPool, host: str, port: int, fallback: _GrpcReduce):
         self.pool, self.host, self.port, self.fallback = pool, host, port, fallback
 
-    async def __call__(self, request: pb.ReduceRequest, pieces: list, timeout: float):
+    async def __call__(self, request: pb.ReduceRequest, pieces: list, timeout: float, into=None):
         message = with_payload(request.SerializeToString(), REQUEST_PAYLOAD, pieces)
         try:
-            return split_reply(await self.pool.call(self.host, self.port, message, timeout))
+            got = await self.pool.call(self.host, self.port, message, timeout, into)
         except BulkUnreachable:
             return await self.fallback(request, pieces, timeout)
+        if len(got) == 2:  # the reply's tail went straight into `into`: did the payload end there?
+            split = split_payload_around(got[0], len(got[1]), REPLY_PAYLOAD, pb.ReduceReply)
+            if split is not None:
+                return split
+        return split_reply(b"".join(got) if len(got) == 2 else got[0])
 
 
 class _LibP2PReduce:
     def __init__(self, stub: LibP2PStub):
         self.stub = stub
 
-    async def __call__(self, request: pb.ReduceRequest, pieces: list, timeout: float):
+    async def __call__(self, request: pb.ReduceRequest, pieces: list, timeout: float, into=None):
         request.payload = b"".join(pieces)
         reply = await self.stub.Reduce(request, timeout=timeout)
         return reply, reply.payload
@@ -85,7 +90,9 @@ class Channels:
         return self.stubs[address]
 
     def reduce(self, address: str):
-        """`await reduce(address)(request, payload pieces, timeout)` → (reply without payload, payload)."""
+        """`await reduce(address)(request, payload pieces, timeout, into=None)` → (reply without
+        payload, payload). `into`: where the payload's last len(into) bytes may be written by the
+        transport itself (the bulk port does); the payload is then `wire.InPlace`."""
         if address.startswith(ADDRESS_PREFIX):
             return _LibP2PReduce(self._libp2p(address))
         if address not in self.reducers:

@@ -37,7 +37,8 @@ from .matchmaking import Group
 from .bulk import BulkError
 from .channels import Channels
 from .records import PROTOCOL_VERSION
-from .wire import REPLY_PAYLOAD, SERVICE, parse_payload, payload_pieces, split_request, with_payload
+from .wire import (REPLY_PAYLOAD, SERVICE, InPlace, check_in_place, parse_payload, payload_pieces, split_request,
+                   with_payload)
 
 log = logging.getLogger("p2pdiloco.dataplane")
 
@@ -309,8 +310,11 @@ async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: 
     sent = 0
 
     def take(i: int, reply: pb.ReduceReply, payload) -> pb.ReduceReply:
-        enc = payload if isinstance(payload, Encoded) else parse_payload(payload)
         lo, hi = spans[i]
+        if isinstance(payload, InPlace):  # the values are in mean[lo:hi] already
+            check_in_place(payload, hi - lo)
+            return reply
+        enc = payload if isinstance(payload, Encoded) else parse_payload(payload)
         if enc.numel != hi - lo:
             raise RuntimeError(f"{enc.numel} values in the mean, expected {hi - lo}")
         enc.codec.decode_into(enc, mean[lo:hi])
@@ -323,7 +327,9 @@ async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: 
         sent += sum(len(p) for p in pieces)
         request = pb.ReduceRequest(caller=caller, kind=group.key.kind, index=group.key.index,
                                    round=group.key.round, group_id=group.group_id, weight=weight)
-        return take(i, *await channels.reduce(group.members[i].address)(request, pieces, timeout_s))
+        # An fp32 mean's values are the bytes on the wire: the bulk port reads them straight into place.
+        into = memoryview(mean[lo:hi].numpy()).cast("B") if encoded.codec.name == "fp32" and hi > lo else None
+        return take(i, *await channels.reduce(group.members[i].address)(request, pieces, timeout_s, into))
 
     async def own(i: int) -> pb.ReduceReply:
         nonlocal sent

@@ -11,6 +11,7 @@ appears twice the last one wins, as in protobuf.)
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from google.protobuf.message import DecodeError
@@ -59,14 +60,14 @@ def with_payload(head: bytes, field_number: int, pieces: list) -> list:
     return [head, _varint(field_number << 3 | 2), _varint(size), *pieces]
 
 
-def split_payload(data: bytes, field_number: int, message_type):
-    """Parse a serialized message whose `field_number` is a bytes field: (the message without that
-    field, that field's value as a view of `data`). Raises DecodeError on a malformed message."""
-    view, i, payload, rest = memoryview(data), 0, _NO_BYTES, []
+def _fields(data, name: str):
+    """The top-level fields of a serialized message: (start, field number, where a length-delimited
+    value starts or -1, end). `end` may pass len(data): the caller decides whether that is truncation."""
+    i = 0
     while i < len(data):
         start = i
         key, i = _read_varint(data, i)
-        wire_type = key & 7
+        wire_type, value = key & 7, -1
         if wire_type == 0:
             i = _read_varint(data, i)[1]
         elif wire_type == 1:
@@ -74,17 +75,57 @@ def split_payload(data: bytes, field_number: int, message_type):
         elif wire_type == 5:
             i += 4
         elif wire_type == 2:
-            length, i = _read_varint(data, i)
-            i += length
+            length, value = _read_varint(data, i)
+            i = value + length
         else:
-            raise DecodeError(f"wire type {wire_type} in a message of {message_type.__name__}")
-        if i > len(data):
+            raise DecodeError(f"wire type {wire_type} in a message of {name}")
+        yield start, key >> 3, value, i
+
+
+def split_payload(data: bytes, field_number: int, message_type):
+    """Parse a serialized message whose `field_number` is a bytes field: (the message without that
+    field, that field's value as a view of `data`). Raises DecodeError on a malformed message."""
+    view, payload, rest = memoryview(data), _NO_BYTES, []
+    for start, number, value, end in _fields(data, message_type.__name__):
+        if end > len(data):
             raise DecodeError(f"truncated {message_type.__name__}")
-        if wire_type == 2 and key >> 3 == field_number:
-            payload = view[i - length: i]
+        if number == field_number and value >= 0:
+            payload = view[value:end]
         else:
-            rest.append(view[start:i])
+            rest.append(view[start:end])
     return message_type.FromString(b"".join(rest)), payload
+
+
+@dataclass(frozen=True)
+class InPlace:
+    """A payload whose tail the transport wrote straight into its destination (bulk.py, for an fp32
+    mean: the values land in the mean itself). `head` is the rest of it, the codec's header."""
+    head: memoryview
+    tail_bytes: int
+
+
+def check_in_place(payload: InPlace, numel: int) -> None:
+    """That an InPlace payload is the fp32 encoding of `numel` values, its values being the tail
+    written in place; CodecError if not (that tail is then no mean at all)."""
+    codec, n, rest = parse_header(payload.head)
+    if codec.name != "fp32" or n != numel or len(rest) or payload.tail_bytes != 4 * numel:
+        raise CodecError(f"a {codec.name} payload of {n} values came where the fp32 mean of {numel} values was expected")
+
+
+def split_payload_around(prefix, tail_bytes: int, field_number: int, message_type):
+    """`split_payload` for a message whose last `tail_bytes` bytes went elsewhere: (the message
+    without its payload, InPlace), or None unless the payload is the message's last field and
+    runs into that tail (then the caller joins the bytes and uses `split_payload`)."""
+    view, rest, total = memoryview(prefix), [], len(prefix) + tail_bytes
+    for start, number, value, end in _fields(prefix, message_type.__name__):
+        if number == field_number and value >= 0:
+            if end == total:
+                return message_type.FromString(b"".join(rest)), InPlace(view[value:], tail_bytes)
+        elif end <= len(prefix):
+            rest.append(view[start:end])
+        if end >= len(prefix):
+            return None
+    return None
 
 
 def parse_payload(payload) -> Encoded:
