@@ -30,7 +30,7 @@ class Plane:
     """One peer's data plane on a loop of its own."""
 
     def __init__(self, name: str, reduce_timeout_s: float = 2.0, bulk_port: int = 0):
-        self.identity = Identity("run", "hash", name, "fp32")
+        self.identity, self.timeout = Identity("run", "hash", name, "fp32"), reduce_timeout_s
         self.book = RoundBook(self.identity, reduce_timeout_s)
         self.loop = BackgroundLoop(name)
         self.servers = Servers(Servicer(self.book, None), MAX_BYTES, reduce_timeout_s)
@@ -42,7 +42,8 @@ class Plane:
 
     def average(self, declared: dict[str, str], x: torch.Tensor, r: int = 0):
         group = make_group(SyncKey("fragment", 0, r), declared, self.identity.peer_id, group_size=8)
-        return self.loop.submit(allreduce(self.book, self.channels, group, get_codec("fp32").encode(x), 1.0, 5.0))
+        return self.loop.submit(allreduce(self.book, self.channels, group, get_codec("fp32").encode(x), 1.0,
+                                          self.timeout))
 
     def close(self):
         if not self.loop.loop.is_running():
@@ -84,6 +85,7 @@ def call_raw(port: int, wire: bytes) -> tuple[grpc.StatusCode, bytes]:
     """A bulk call written from the framing's description, not with bulk.py's client."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(wire)
+        assert _recv(s, len(bulk.MAGIC)) == bulk.MAGIC  # the owner's echo
         code, n = struct.unpack("<BQ", _recv(s, 9))
         return {c.value[0]: c for c in grpc.StatusCode}[code], _recv(s, n)
 
@@ -109,7 +111,8 @@ def test_peers_average_over_their_bulk_ports(planes):
     # The calls went over the bulk ports: each caller keeps its connections to the two others ...
     assert all(len(sum(p.channels.bulk.idle.values(), [])) == 2 for p in (a, b, c))
     # ... and read the fp32 means' values straight into place: no buffer took a whole reply.
-    assert all(max(x.size for x in p.channels.bulk.buffers.kept) < 1000 for p in (a, b, c))
+    assert all(not p.channels.bulk.buffers.kept for p in (a, b, c))
+    assert all(p.servers.bulk.buffers.kept for p in (a, b, c))  # while the owners' parts did
 
 
 def test_an_unreachable_bulk_port_falls_back_to_grpc(planes, caplog):
@@ -144,6 +147,7 @@ def test_refusals_come_back_with_their_status_and_the_connection_goes_on(planes)
     foreign = pb.Caller(run_id="run", protocol=PROTOCOL_VERSION, config_hash="other", peer_id="x")
     with socket.create_connection(("127.0.0.1", p.bulk_port), timeout=10) as s:
         s.sendall(framed(request(ok, b"\x07garbage")))
+        assert _recv(s, len(bulk.MAGIC)) == bulk.MAGIC
         for message, expected in ((request(foreign, part), b"malformed payload"), (None, b"config hash")):
             code, n = struct.unpack("<BQ", _recv(s, 9))
             assert expected in _recv(s, n)
@@ -158,6 +162,7 @@ def test_a_stranger_or_a_stalled_sender_is_cut_off(planes):
         assert closed(s)
     with socket.create_connection(("127.0.0.1", p.bulk_port), timeout=10) as s:
         s.sendall(bulk.MAGIC + struct.pack("<Q", 1000) + b"only ten b")
+        assert _recv(s, len(bulk.MAGIC)) == bulk.MAGIC
         start = time.monotonic()
         assert closed(s)  # once the message is late
         assert time.monotonic() - start < 5
@@ -168,17 +173,19 @@ def test_a_stranger_or_a_stalled_sender_is_cut_off(planes):
 
 def test_receive_buffers_are_reused_only_once_nothing_holds_them():
     buffers = bulk.Buffers(keep=3)
-    first = buffers.get(1000)
+    first = buffers.get(10_000)
+    held = first.obj
     view = torch.frombuffer(first[16:], dtype=torch.uint8)  # a part a round keeps, say
     del first
-    second = buffers.get(1000)
-    assert second.obj is not view.numpy().base and len(buffers.kept) == 2  # the first is still held
-    del view
-    again = buffers.get(1000)
-    assert len(buffers.kept) == 2 and again.obj is not second.obj  # the first, free again
-    for n in (1, 2, 3):
+    second = buffers.get(10_000)
+    assert second.obj is not held and len(buffers.kept) == 2  # the first is still in use
+    del view, held
+    again = buffers.get(10_000)
+    assert len(buffers.kept) == 2 and again.obj is buffers.kept[-1] and again.obj is not second.obj
+    for n in (5000, 6000, 7000):
         buffers.get(n)
     assert len(buffers.kept) == 3  # the least recently used are let go
+    assert not bulk.Buffers().get(100).obj.__class__.__name__ == "ndarray"  # small ones are not kept
 
 
 def test_an_owner_that_goes_away_leaves_its_callers_clean(planes, caplog):
@@ -207,7 +214,7 @@ def test_a_reply_with_its_payload_first_is_read_all_the_same(planes):
     def owner():
         conn, _ = server.accept()
         with conn:
-            _recv(conn, len(bulk.MAGIC))
+            conn.sendall(_recv(conn, len(bulk.MAGIC)))
             _recv(conn, struct.unpack("<Q", _recv(conn, 8))[0])
             conn.sendall(struct.pack("<BQ", 0, len(answer)) + answer)
 
@@ -241,3 +248,69 @@ def test_split_payload_around_finds_a_last_payload_and_only_that():
     assert wire.split_payload_around(memoryview(theirs)[:-200], 200, wire.REPLY_PAYLOAD, pb.ReduceReply) is None
     with pytest.raises(wire.CodecError):  # a payload that is not the fp32 mean expected
         wire.check_in_place(wire.InPlace(memoryview(values)[:16], len(values) - 16), 49)
+
+
+def test_a_caller_that_gives_up_ends_the_owners_wait_and_a_wait_has_a_bound(planes):
+    p = planes("owner", reduce_timeout_s=1.0)
+    ok = pb.Caller(run_id="run", protocol=PROTOCOL_VERSION, config_hash="hash", peer_id="x")
+    part = get_codec("fp32").encode(torch.randn(16)).to_bytes()  # for a round the owner never opens
+    s = socket.create_connection(("127.0.0.1", p.bulk_port), timeout=10)
+    s.sendall(framed(request(ok, part)))
+    assert _recv(s, len(bulk.MAGIC)) == bulk.MAGIC
+    time.sleep(0.2)
+    assert any(c.task is not None for c in p.servers.bulk.connections)  # waiting for the owner's round
+    s.close()
+    deadline = time.monotonic() + 0.5
+    while p.servers.bulk.connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not p.servers.bulk.connections  # gone at once, not at the round's timeout
+    # A caller that keeps waiting is answered when the owner's timeout passes.
+    start = time.monotonic()
+    code, details = call_raw(p.bulk_port, framed(request(ok, part)))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and 0.9 < time.monotonic() - start < 5, details
+
+
+def test_an_idle_or_half_sent_connection_is_closed(planes):
+    p = planes("owner")
+    p.servers.bulk.idle_s = 0.5
+    for extra in (b"", b"\x01\x02\x03"):  # idle after the magic; three of the length's eight bytes
+        with socket.create_connection(("127.0.0.1", p.bulk_port), timeout=10) as s:
+            s.sendall(bulk.MAGIC + extra)
+            assert _recv(s, len(bulk.MAGIC)) == bulk.MAGIC
+            start = time.monotonic()
+            assert closed(s) and time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("impostor", ["http", "silent"])
+def test_a_bulk_port_where_something_else_answers_falls_back_to_grpc(planes, impostor, caplog):
+    import threading
+
+    a, b = planes("a", reduce_timeout_s=10.0), planes("b", reduce_timeout_s=10.0)  # a silent port costs 5 s
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(15)
+    conns = []
+
+    def serve():
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        conns.append(conn)
+        if impostor == "http":
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    declared = {"a": address("127.0.0.1", a.port, server.getsockname()[1]),
+                "b": address("127.0.0.1", b.port, b.bulk_port)}
+    xs = [torch.randn(1000), torch.randn(1000)]
+    fa, fb = a.average(declared, xs[0]), b.average(declared, xs[1])
+    try:
+        for res in (fa.result(30), fb.result(30)):
+            assert torch.allclose(res.mean, (xs[0] + xs[1]) / 2, atol=1e-6)
+        assert "cannot be reached" in caplog.text
+    finally:
+        thread.join(5)
+        for c in conns:
+            c.close()
+        server.close()

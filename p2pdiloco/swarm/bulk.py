@@ -6,27 +6,34 @@ So next to the gRPC server every peer listens on a second port, its bulk port, f
 the same ReduceRequest and ReduceReply messages of proto/p2pdiloco.proto, byte for byte, each
 preceded by its length, read from the socket straight into one buffer of that length. The state
 download and the reachability probe stay on gRPC, and so does Reduce towards a peer whose bulk
-port cannot be reached (a port forwarded alone, a firewall): the caller falls back to gRPC for
-that peer, says so once, and tries the bulk port again `RETRY_BULK_S` later.
+port cannot be reached (a port forwarded alone, a firewall, some other service there): the caller
+falls back to gRPC for that peer, says so once, and tries the bulk port again `RETRY_BULK_S` later.
 
 On the wire (integers little-endian):
-  once, on connecting, caller → owner: `MAGIC`, which names this framing and its version;
+  on connecting, caller → owner: `MAGIC`, which names this framing and its version; the owner
+           echoes it, so a caller knows it reached a bulk port and not something else;
   request: u64 length, then a serialized ReduceRequest of that length;
   reply:   u8 status (a grpc.StatusCode's number, 0: OK), u64 length, then a serialized
            ReduceReply (status 0) or the refusal's text in UTF-8.
-A connection carries one call at a time; a caller opens another for a concurrent call and keeps
-idle ones for the next rounds.
+A connection carries one call at a time (bytes sent during a call close it); a caller opens
+another for a concurrent call and keeps idle ones for the next rounds.
 
-Limits and timeouts: a message longer than `max_message_bytes` is refused (RESOURCE_EXHAUSTED) and
-the connection closed, before any of it is read. The magic must come within `CONNECT_TIMEOUT_S`
-of connecting, and a message must arrive whole within the round's `reduce_timeout_s` of its first
-byte: a sender that stalls is cut off. A caller waits for its reply at most the call's timeout,
-then closes the connection, which cancels the owner's handler (as a gRPC deadline does).
+Limits and timeouts:
+- a message longer than `max_message_bytes` is refused (RESOURCE_EXHAUSTED) and the connection
+  closed, before any of it is read;
+- the magic and its echo must come within `CONNECT_TIMEOUT_S`; a message must arrive whole within
+  the round's `reduce_timeout_s` of its length; an owner closes a connection idle for `OWNER_IDLE_S`,
+  and a caller drops its own after `CALLER_IDLE_S` (earlier, so it never reuses one the owner is
+  closing); TCP keepalive on both ends; at most `MAX_CONNECTIONS` callers at once per owner;
+- the owner answers within `reduce_timeout_s` (DEADLINE_EXCEEDED past it), and a caller that
+  closes its connection cancels the owner's handler, as a gRPC deadline does; a caller waits for
+  its answer at most the call's timeout, then closes the connection.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 import sys
 import time
@@ -39,8 +46,12 @@ from google.protobuf.message import DecodeError
 log = logging.getLogger("p2pdiloco.dataplane")
 
 MAGIC = b"p2pdiloco-bulk1\n"
-CONNECT_TIMEOUT_S = 5.0  # to connect, and for the owner to see the magic
+CONNECT_TIMEOUT_S = 5.0  # to connect and exchange the magic
 RETRY_BULK_S = 60.0  # after the bulk port of a peer could not be reached, use gRPC this long
+OWNER_IDLE_S = 300.0  # an owner closes a connection with no call for this long
+CALLER_IDLE_S = 60.0  # a caller does not reuse a connection idle for longer (NATs drop idle flows)
+MAX_CONNECTIONS = 256  # callers connected to one owner at once; more are refused
+MAX_REFUSAL_BYTES = 1 << 16  # a refusal's text; a longer one is a broken or hostile owner
 _LENGTH = struct.Struct("<Q")
 _REPLY = struct.Struct("<BQ")
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -75,6 +86,8 @@ class Buffers:
         self.kept: list[np.ndarray] = []
 
     def get(self, n: int) -> memoryview:
+        if n < 4096:  # headers and refusals: cheap, and they must not push the big ones out
+            return memoryview(bytearray(n))
         for i in range(len(self.kept)):
             # Held by the list, and by getrefcount's argument: by nothing else.
             if self.kept[i].size == n and sys.getrefcount(self.kept[i]) == 2:
@@ -115,7 +128,7 @@ class _Framed(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._view is None:
-            log.warning("bulk connection to %s: %d bytes that were not asked for; closing it",
+            log.warning("bulk connection with %s: %d bytes that were not asked for; closing it",
                         self.transport.get_extra_info("peername"), nbytes)
             self.transport.abort()
             return
@@ -127,9 +140,18 @@ class _Framed(asyncio.BufferedProtocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a peer that vanished (power, a NAT's state) is noticed, not waited on
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def connection_lost(self, exc) -> None:
         self._cancel_timer()
+
+    def pause_writing(self) -> None:  # the other end does not read: stop taking its requests
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -137,8 +159,8 @@ class _Framed(asyncio.BufferedProtocol):
             self._timer = None
 
     def _too_slow(self) -> None:
-        log.warning("bulk connection from %s: a message did not arrive in time; closing it",
-                    self.transport.get_extra_info("peername"))
+        log.info("bulk connection with %s: nothing more came in time; closing it",
+                 self.transport.get_extra_info("peername"))
         self.transport.abort()
 
 
@@ -151,14 +173,24 @@ class _OwnerSide(_Framed):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        if len(self.server.connections) >= MAX_CONNECTIONS:
+            log.warning("bulk port: %d callers connected already; refused one from %s", MAX_CONNECTIONS,
+                        transport.get_extra_info("peername"))
+            transport.abort()
+            return
         self.server.connections.add(self)
         self.expect(len(MAGIC), self._magic, CONNECT_TIMEOUT_S)
 
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
         self.server.connections.discard(self)
+        if self.task is not None:  # the caller gave up: so does the handler
+            self.task.cancel()
+
+    def eof_received(self) -> bool:
         if self.task is not None:
             self.task.cancel()
+        return False  # close
 
     def _magic(self, got: memoryview) -> None:
         if got != MAGIC:
@@ -166,7 +198,8 @@ class _OwnerSide(_Framed):
                         self.transport.get_extra_info("peername"))
             self.transport.abort()
             return
-        self.expect(_LENGTH.size, self._length)
+        self.transport.write(MAGIC)
+        self.expect(_LENGTH.size, self._length, self.server.idle_s)
 
     def _length(self, head: memoryview) -> None:
         (n,) = _LENGTH.unpack(head)
@@ -180,13 +213,16 @@ class _OwnerSide(_Framed):
         self.expect(n, self._request, self.server.timeout_s)
 
     def _request(self, body: memoryview) -> None:
+        # Reading goes on during the call: a caller that closes the connection cancels it (and one
+        # that sends more before its answer is closed: one call at a time).
         self._cancel_timer()
-        self.transport.pause_reading()  # one call at a time: the next waits until this is answered
         self.task = asyncio.ensure_future(self._handle(body))
 
     async def _handle(self, body: memoryview) -> None:
         try:
-            code, data = grpc.StatusCode.OK, await self.server.handler(body)
+            code, data = grpc.StatusCode.OK, await asyncio.wait_for(self.server.handler(body), self.server.timeout_s)
+        except asyncio.TimeoutError:
+            code, data = grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self.server.timeout_s:g}s".encode()
         except BulkError as exc:
             code, data = exc.code(), exc.details().encode()
         except DecodeError as exc:
@@ -199,8 +235,7 @@ class _OwnerSide(_Framed):
         if self.transport.is_closing():
             return
         self._answer(code, data)
-        self.expect(_LENGTH.size, self._length)
-        self.transport.resume_reading()
+        self.expect(_LENGTH.size, self._length, self.server.idle_s)
 
     def _answer(self, code: grpc.StatusCode, data: bytes | list) -> None:
         pieces = data if isinstance(data, list) else [data]
@@ -211,8 +246,8 @@ class BulkServer:
     """This peer's bulk port. `handler(request bytes) -> reply` (bytes, or a list of buffers to
     write one after the other) raises BulkError to refuse."""
 
-    def __init__(self, handler, max_message_bytes: int, timeout_s: float):
-        self.handler, self.max_message_bytes, self.timeout_s = handler, max_message_bytes, timeout_s
+    def __init__(self, handler, max_message_bytes: int, timeout_s: float, idle_s: float = OWNER_IDLE_S):
+        self.handler, self.max_message_bytes, self.timeout_s, self.idle_s = handler, max_message_bytes, timeout_s, idle_s
         self.connections: set[_OwnerSide] = set()
         self.buffers = Buffers()
         self.server: asyncio.Server | None = None
@@ -241,11 +276,26 @@ class _CallerSide(_Framed):
         self.status = grpc.StatusCode.OK
         self.into: memoryview | None = None
         self.prefix: memoryview | None = None
+        self.idle_since = time.monotonic()
 
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
         if self.reply is not None and not self.reply.done():
             self.reply.set_exception(BulkError(grpc.StatusCode.UNAVAILABLE, f"the owner closed the connection ({exc})"))
+
+    async def handshake(self) -> None:
+        """Send the magic and wait for its echo; BulkUnreachable if what answers is not a bulk port."""
+        self.reply = asyncio.get_running_loop().create_future()
+        self.expect(len(MAGIC), self._echo)
+        self.transport.write(MAGIC)
+        await self.reply
+
+    def _echo(self, got: memoryview) -> None:
+        if got == MAGIC:
+            self.reply.set_result(None)
+        else:
+            self.reply.set_exception(BulkUnreachable("something other than a p2pdiloco bulk port answers there"))
+            self.transport.abort()
 
     async def call(self, pieces: list, into: memoryview | None = None) -> list[memoryview]:
         """Send one request (its serialized pieces); the reply's bytes, or BulkError. With `into`,
@@ -263,9 +313,10 @@ class _CallerSide(_Framed):
     def _head(self, head: memoryview) -> None:
         number, n = _REPLY.unpack(head)
         self.status = _CODES.get(number, grpc.StatusCode.UNKNOWN)
-        if n > self.max_message_bytes:
+        if n > (self.max_message_bytes if self.status == grpc.StatusCode.OK else MAX_REFUSAL_BYTES):
             self.reply.set_exception(BulkError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                               f"reply of {n} bytes is over the limit (--max-message-mb)"))
+                                               f"the owner's {self.status.name} answer of {n} bytes is over the limit "
+                                               f"({'--max-message-mb' if self.status == grpc.StatusCode.OK else 'a refusal'})"))
             self.transport.abort()
             return
         if self.status == grpc.StatusCode.OK and self.into is not None and n > len(self.into):
@@ -300,17 +351,22 @@ class BulkPool:
     def reachable(self, host: str, port: int) -> bool:
         return time.monotonic() >= self.unreachable_until.get((host, port), 0.0)
 
-    async def _connect(self, host: str, port: int) -> _CallerSide:
+    async def _connect(self, host: str, port: int, timeout_s: float) -> _CallerSide:
+        conn = None
         try:
-            _, conn = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
-                lambda: _CallerSide(self.max_message_bytes, self.buffers), host, port), CONNECT_TIMEOUT_S)
-        except (OSError, asyncio.TimeoutError) as exc:
-            if self.reachable(host, port):
-                log.warning("bulk port %s:%d cannot be reached (%s); Reduce goes over gRPC to it for the next %.0fs",
-                            host, port, exc or type(exc).__name__, RETRY_BULK_S)
+            async with asyncio.timeout(min(CONNECT_TIMEOUT_S, timeout_s)):
+                _, conn = await asyncio.get_running_loop().create_connection(
+                    lambda: _CallerSide(self.max_message_bytes, self.buffers), host, port)
+                await conn.handshake()
+        except (OSError, asyncio.TimeoutError, BulkUnreachable) as exc:
+            if conn is not None:
+                conn.transport.abort()
+            why = str(exc) or type(exc).__name__
+            if (host, port) not in self.unreachable_until:  # said once; retried quietly
+                log.warning("bulk port %s:%d cannot be reached (%s); Reduce goes over gRPC to it, and the bulk "
+                            "port is tried again every %.0fs", host, port, why, RETRY_BULK_S)
             self.unreachable_until[host, port] = time.monotonic() + RETRY_BULK_S
-            raise BulkUnreachable(f"{host}:{port}: {exc}") from None
-        conn.transport.write(MAGIC)
+            raise BulkUnreachable(f"{host}:{port}: {why}") from None
         return conn
 
     async def call(self, host: str, port: int, pieces: list, timeout_s: float,
@@ -322,16 +378,22 @@ class BulkPool:
         conn = None
         while idle and conn is None:
             candidate = idle.pop()
-            if not candidate.transport.is_closing():
+            if candidate.transport.is_closing() or time.monotonic() - candidate.idle_since > CALLER_IDLE_S:
+                candidate.transport.abort()
+            else:
                 conn = candidate
         deadline = time.monotonic() + timeout_s
         if conn is None:
-            conn = await self._connect(host, port)
+            conn = await self._connect(host, port, timeout_s)
         try:
             body = await asyncio.wait_for(conn.call(pieces, into), max(deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            conn.transport.abort()
+            raise BulkError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout_s:g}s") from None
         except BaseException:
             conn.transport.abort()  # mid-call: the connection cannot carry another call
             raise
+        conn.idle_since = time.monotonic()
         idle.append(conn)
         return body
 

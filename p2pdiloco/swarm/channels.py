@@ -3,6 +3,8 @@ for peers that announced a bulk port, and libp2p streams for peers that announce
 (libp2p.py). `Channels.reduce(address)` picks the transport from the address alone."""
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from .bulk import BulkPool, BulkUnreachable
@@ -38,10 +40,11 @@ class _BulkReduce:
 
     async def __call__(self, request: pb.ReduceRequest, pieces: list, timeout: float, into=None):
         message = with_payload(request.SerializeToString(), REQUEST_PAYLOAD, pieces)
+        start = time.monotonic()
         try:
             got = await self.pool.call(self.host, self.port, message, timeout, into)
-        except BulkUnreachable:
-            return await self.fallback(request, pieces, timeout)
+        except BulkUnreachable:  # gRPC, in the time the attempt left
+            return await self.fallback(request, pieces, max(timeout - (time.monotonic() - start), 1.0))
         if len(got) == 2:  # the reply's tail went straight into `into`: did the payload end there?
             split = split_payload_around(got[0], len(got[1]), REPLY_PAYLOAD, pb.ReduceReply)
             if split is not None:
