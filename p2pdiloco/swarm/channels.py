@@ -7,7 +7,8 @@ import time
 
 import grpc
 
-from .bulk import BulkPool, BulkUnreachable
+from .bulk import BulkUnreachable
+from .bulk_caller import BulkPool
 from .gen import p2pdiloco_pb2 as pb
 from .gen import p2pdiloco_pb2_grpc as pb_grpc
 from .libp2p import ADDRESS_PREFIX, LibP2PStub

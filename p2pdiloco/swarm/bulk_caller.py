@@ -1,0 +1,152 @@
+"""The caller's side of the bulk port (bulk.py has the protocol and the owner's side): connections
+to other peers' bulk ports, each carrying one call at a time, kept open between calls."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from .bulk import (_LENGTH, _REPLY, CALLER_IDLE_S, CONNECT_TIMEOUT_S, MAGIC, MAX_REFUSAL_BYTES, RETRY_BULK_S,
+                   BulkError, BulkUnreachable, Buffers, Framed, status_code)
+
+log = logging.getLogger("p2pdiloco.dataplane")
+
+
+class _CallerSide(Framed):
+    """A connection to another peer's bulk port, for one call at a time."""
+
+    def __init__(self, max_message_bytes: int, buffers: Buffers):
+        super().__init__(buffers)
+        self.max_message_bytes = max_message_bytes
+        self.reply: asyncio.Future | None = None
+        self.status = grpc.StatusCode.OK
+        self.into: memoryview | None = None
+        self.prefix: memoryview | None = None
+        self.idle_since = time.monotonic()
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        if self.reply is not None and not self.reply.done():
+            self.reply.set_exception(BulkError(grpc.StatusCode.UNAVAILABLE, f"the owner closed the connection ({exc})"))
+
+    async def handshake(self) -> None:
+        """Send the magic and wait for its echo; BulkUnreachable if what answers is not a bulk port."""
+        self.reply = asyncio.get_running_loop().create_future()
+        self.expect(len(MAGIC), self._echo)
+        self.transport.write(MAGIC)
+        await self.reply
+
+    def _echo(self, got: memoryview) -> None:
+        if got == MAGIC:
+            self.reply.set_result(None)
+        else:
+            self.reply.set_exception(BulkUnreachable("something other than a p2pdiloco bulk port answers there"))
+            self.transport.abort()
+
+    async def call(self, pieces: list, into: memoryview | None = None) -> list[memoryview]:
+        """Send one request (its serialized pieces); the reply's bytes, or BulkError. With `into`,
+        a reply longer than it has its last len(into) bytes read straight into it: [the bytes
+        before, into]; else [the reply]."""
+        self.reply = asyncio.get_running_loop().create_future()
+        self.into = into
+        self.expect(_REPLY.size, self._head)
+        self.transport.writelines([_LENGTH.pack(sum(len(p) for p in pieces)), *pieces])
+        code, body = await self.reply
+        if code != grpc.StatusCode.OK:
+            raise BulkError(code, bytes(body[0]).decode(errors="replace"))
+        return body
+
+    def _head(self, head: memoryview) -> None:
+        number, n = _REPLY.unpack(head)
+        self.status = status_code(number)
+        if n > (self.max_message_bytes if self.status == grpc.StatusCode.OK else MAX_REFUSAL_BYTES):
+            self.reply.set_exception(BulkError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                               f"the owner's {self.status.name} answer of {n} bytes is over the limit "
+                                               f"({'--max-message-mb' if self.status == grpc.StatusCode.OK else 'a refusal'})"))
+            self.transport.abort()
+            return
+        if self.status == grpc.StatusCode.OK and self.into is not None and n > len(self.into):
+            self.expect(n - len(self.into), self._prefix)
+        else:
+            self.expect(n, self._body)
+
+    def _prefix(self, prefix: memoryview) -> None:
+        self.prefix = prefix
+        self.expect(len(self.into), self._tail, into=self.into)
+
+    def _tail(self, tail: memoryview) -> None:
+        if not self.reply.done():
+            self.reply.set_result((self.status, [self.prefix, tail]))
+        self.prefix = self.into = None
+
+    def _body(self, body: memoryview) -> None:
+        if not self.reply.done():
+            self.reply.set_result((self.status, [body]))
+        self.into = None
+
+
+class BulkPool:
+    """Connections to other peers' bulk ports, kept open between calls."""
+
+    def __init__(self, max_message_bytes: int):
+        self.max_message_bytes = max_message_bytes
+        self.idle: dict[tuple[str, int], list[_CallerSide]] = {}
+        self.buffers = Buffers()
+        self.unreachable_until: dict[tuple[str, int], float] = {}
+
+    def reachable(self, host: str, port: int) -> bool:
+        return time.monotonic() >= self.unreachable_until.get((host, port), 0.0)
+
+    async def _connect(self, host: str, port: int, timeout_s: float) -> _CallerSide:
+        conn = None
+        try:
+            async with asyncio.timeout(min(CONNECT_TIMEOUT_S, timeout_s)):
+                _, conn = await asyncio.get_running_loop().create_connection(
+                    lambda: _CallerSide(self.max_message_bytes, self.buffers), host, port)
+                await conn.handshake()
+        except (OSError, asyncio.TimeoutError, BulkUnreachable) as exc:
+            if conn is not None:
+                conn.transport.abort()
+            why = str(exc) or type(exc).__name__
+            if (host, port) not in self.unreachable_until:  # said once; retried quietly
+                log.warning("bulk port %s:%d cannot be reached (%s); Reduce goes over gRPC to it, and the bulk "
+                            "port is tried again every %.0fs", host, port, why, RETRY_BULK_S)
+            self.unreachable_until[host, port] = time.monotonic() + RETRY_BULK_S
+            raise BulkUnreachable(f"{host}:{port}: {why}") from None
+        return conn
+
+    async def call(self, host: str, port: int, pieces: list, timeout_s: float,
+                   into: memoryview | None = None) -> list[memoryview]:
+        """One Reduce: the reply's bytes, as `_CallerSide.call` gives them. BulkUnreachable if no
+        connection could be made, BulkError if the owner refused or failed it, asyncio.TimeoutError
+        past `timeout_s`."""
+        idle = self.idle.setdefault((host, port), [])
+        conn = None
+        while idle and conn is None:
+            candidate = idle.pop()
+            if candidate.transport.is_closing() or time.monotonic() - candidate.idle_since > CALLER_IDLE_S:
+                candidate.transport.abort()
+            else:
+                conn = candidate
+        deadline = time.monotonic() + timeout_s
+        if conn is None:
+            conn = await self._connect(host, port, timeout_s)
+        try:
+            body = await asyncio.wait_for(conn.call(pieces, into), max(deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            conn.transport.abort()
+            raise BulkError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout_s:g}s") from None
+        except BaseException:
+            conn.transport.abort()  # mid-call: the connection cannot carry another call
+            raise
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+        return body
+
+    def close(self) -> None:
+        for conns in self.idle.values():
+            for conn in conns:
+                conn.transport.abort()
+        self.idle.clear()
