@@ -31,11 +31,15 @@ class _CallerSide(Framed):
         if self.reply is not None and not self.reply.done():
             self.reply.set_exception(BulkError(grpc.StatusCode.UNAVAILABLE, f"the owner closed the connection ({exc})"))
 
-    async def handshake(self) -> None:
-        """Send the magic and wait for its echo; BulkUnreachable if what answers is not a bulk port."""
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        # Expect the echo before anything can arrive: whatever answers may speak first.
         self.reply = asyncio.get_running_loop().create_future()
         self.expect(len(MAGIC), self._echo)
-        self.transport.write(MAGIC)
+        transport.write(MAGIC)
+
+    async def handshake(self) -> None:
+        """Wait for the magic's echo; BulkUnreachable if what answers is not a bulk port."""
         await self.reply
 
     def _echo(self, got: memoryview) -> None:
@@ -106,7 +110,7 @@ class BulkPool:
                 _, conn = await asyncio.get_running_loop().create_connection(
                     lambda: _CallerSide(self.max_message_bytes, self.buffers), host, port)
                 await conn.handshake()
-        except (OSError, asyncio.TimeoutError, BulkUnreachable) as exc:
+        except Exception as exc:  # refused, silent, closed, or something else answers: no bulk port here
             if conn is not None:
                 conn.transport.abort()
             why = str(exc) or type(exc).__name__
