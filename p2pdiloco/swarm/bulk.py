@@ -52,8 +52,8 @@ OWNER_IDLE_S = 300.0  # an owner closes a connection with no call for this long
 CALLER_IDLE_S = 60.0  # a caller does not reuse a connection idle for longer (NATs drop idle flows)
 MAX_CONNECTIONS = 256  # callers connected to one owner at once; more are refused
 MAX_REFUSAL_BYTES = 1 << 16  # a refusal's text; a longer one is a broken or hostile owner
-_LENGTH = struct.Struct("<Q")
-_REPLY = struct.Struct("<BQ")
+LENGTH = struct.Struct("<Q")
+REPLY_HEAD = struct.Struct("<BQ")
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -203,10 +203,10 @@ class _OwnerSide(Framed):
             self.transport.abort()
             return
         self.transport.write(MAGIC)
-        self.expect(_LENGTH.size, self._length, self.server.idle_s)
+        self.expect(LENGTH.size, self._length, self.server.idle_s)
 
     def _length(self, head: memoryview) -> None:
-        (n,) = _LENGTH.unpack(head)
+        (n,) = LENGTH.unpack(head)
         if n > self.server.max_message_bytes:
             log.warning("bulk port: refused a message of %d bytes (over --max-message-mb)", n)
             self._answer(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -239,11 +239,11 @@ class _OwnerSide(Framed):
         if self.transport.is_closing():
             return
         self._answer(code, data)
-        self.expect(_LENGTH.size, self._length, self.server.idle_s)
+        self.expect(LENGTH.size, self._length, self.server.idle_s)
 
     def _answer(self, code: grpc.StatusCode, data: bytes | list) -> None:
         pieces = data if isinstance(data, list) else [data]
-        self.transport.writelines([_REPLY.pack(code.value[0], sum(len(p) for p in pieces)), *pieces])
+        self.transport.writelines([REPLY_HEAD.pack(code.value[0], sum(len(p) for p in pieces)), *pieces])
 
 
 class BulkServer:

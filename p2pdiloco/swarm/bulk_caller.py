@@ -8,7 +8,7 @@ import time
 
 import grpc
 
-from .bulk import (_LENGTH, _REPLY, CALLER_IDLE_S, CONNECT_TIMEOUT_S, MAGIC, MAX_REFUSAL_BYTES, RETRY_BULK_S,
+from .bulk import (LENGTH, REPLY_HEAD, CALLER_IDLE_S, CONNECT_TIMEOUT_S, MAGIC, MAX_REFUSAL_BYTES, RETRY_BULK_S,
                    BulkError, BulkUnreachable, Buffers, Framed, status_code)
 
 log = logging.getLogger("p2pdiloco.dataplane")
@@ -55,15 +55,15 @@ class _CallerSide(Framed):
         before, into]; else [the reply]."""
         self.reply = asyncio.get_running_loop().create_future()
         self.into = into
-        self.expect(_REPLY.size, self._head)
-        self.transport.writelines([_LENGTH.pack(sum(len(p) for p in pieces)), *pieces])
+        self.expect(REPLY_HEAD.size, self._head)
+        self.transport.writelines([LENGTH.pack(sum(len(p) for p in pieces)), *pieces])
         code, body = await self.reply
         if code != grpc.StatusCode.OK:
             raise BulkError(code, bytes(body[0]).decode(errors="replace"))
         return body
 
     def _head(self, head: memoryview) -> None:
-        number, n = _REPLY.unpack(head)
+        number, n = REPLY_HEAD.unpack(head)
         self.status = status_code(number)
         if n > (self.max_message_bytes if self.status == grpc.StatusCode.OK else MAX_REFUSAL_BYTES):
             self.reply.set_exception(BulkError(grpc.StatusCode.RESOURCE_EXHAUSTED,
