@@ -63,6 +63,13 @@ def planes():
         p.close()
 
 
+def wait_until(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
 def _recv(sock, n: int) -> bytes:
     data = b""
     while len(data) < n:
@@ -194,8 +201,8 @@ def test_an_owner_that_goes_away_leaves_its_callers_clean(planes, caplog):
     for f in [p.average(declared, torch.randn(100)) for p in (a, b)]:
         f.result(30)
     b.close()  # a's idle connection to b sees it close
-    time.sleep(0.5)
-    assert all(c.transport.is_closing() for c in sum(a.channels.bulk.idle.values(), []))
+    idle = sum(a.channels.bulk.idle.values(), [])
+    assert idle and wait_until(lambda: all(c.transport.is_closing() for c in idle))
     assert "Fatal error" not in caplog.text and "get_buffer" not in caplog.text
 
 
@@ -251,23 +258,20 @@ def test_split_payload_around_finds_a_last_payload_and_only_that():
 
 
 def test_a_caller_that_gives_up_ends_the_owners_wait_and_a_wait_has_a_bound(planes):
-    p = planes("owner", reduce_timeout_s=1.0)
+    p = planes("owner", reduce_timeout_s=3.0)
     ok = pb.Caller(run_id="run", protocol=PROTOCOL_VERSION, config_hash="hash", peer_id="x")
     part = get_codec("fp32").encode(torch.randn(16)).to_bytes()  # for a round the owner never opens
     s = socket.create_connection(("127.0.0.1", p.bulk_port), timeout=10)
     s.sendall(framed(request(ok, part)))
     assert _recv(s, len(bulk.MAGIC)) == bulk.MAGIC
-    time.sleep(0.2)
-    assert any(c.task is not None for c in p.servers.bulk.connections)  # waiting for the owner's round
+    # The part waits for the owner's round ...
+    assert wait_until(lambda: any(c.task is not None for c in p.servers.bulk.connections))
     s.close()
-    deadline = time.monotonic() + 0.5
-    while p.servers.bulk.connections and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not p.servers.bulk.connections  # gone at once, not at the round's timeout
+    assert wait_until(lambda: not p.servers.bulk.connections, 1.5)  # ... and goes at once, not at its timeout
     # A caller that keeps waiting is answered when the owner's timeout passes.
     start = time.monotonic()
     code, details = call_raw(p.bulk_port, framed(request(ok, part)))
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and 0.9 < time.monotonic() - start < 5, details
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and 2.9 < time.monotonic() - start < 8, details
 
 
 def test_an_idle_or_half_sent_connection_is_closed(planes):
