@@ -42,3 +42,15 @@ def test_bench_allreduce_bad_input_is_one_clear_line(tmp_path):
                         (["--peers", "1"], "--peers must be")]:
         r = run(["bench", "allreduce", "--json", str(tmp_path / "x.json"), *args])
         assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bench_allreduce_grpc_methods_send_the_same_bytes(tmp_path):
+    """The `_grpc_` methods run Reduce over gRPC (as --bulk-port -1 does): same bytes, same means."""
+    out = tmp_path / "g.json"
+    r = run(["bench", "allreduce", "--peers", "2", "--numel", "20000", "--repeats", "1", "--methods",
+             "p2pdiloco_grpc_fp32", "p2pdiloco_grpc_e3m0", "--json", str(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = json.loads(out.read_text())["methods"]
+    assert m["p2pdiloco_grpc_fp32"]["error"] is None and m["p2pdiloco_grpc_e3m0"]["error"] is None
+    assert m["p2pdiloco_grpc_fp32"]["bytes_sent_per_peer"] == 2 * (2 - 1) / 2 * 20000 * 4 + 2 * 8
+    assert m["p2pdiloco_grpc_fp32"]["max_abs_error"] <= 1e-5

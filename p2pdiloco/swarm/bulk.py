@@ -255,12 +255,11 @@ class BulkServer:
         self.connections: set[_OwnerSide] = set()
         self.buffers = Buffers()
         self.server: asyncio.Server | None = None
-        self.port = 0
 
     async def start(self, host: str, port: int) -> int:
+        """Listen on host:port (0: any free port); the port bound."""
         self.server = await asyncio.get_running_loop().create_server(lambda: _OwnerSide(self), host, port)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self.port
+        return self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         if self.server is not None:

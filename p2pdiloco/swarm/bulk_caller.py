@@ -124,8 +124,8 @@ class BulkPool:
     async def call(self, host: str, port: int, pieces: list, timeout_s: float,
                    into: memoryview | None = None) -> list[memoryview]:
         """One Reduce: the reply's bytes, as `_CallerSide.call` gives them. BulkUnreachable if no
-        connection could be made, BulkError if the owner refused or failed it, asyncio.TimeoutError
-        past `timeout_s`."""
+        connection could be made, BulkError if the owner refused or failed it, or gave no answer
+        within `timeout_s` (DEADLINE_EXCEEDED)."""
         idle = self.idle.setdefault((host, port), [])
         conn = None
         while idle and conn is None:

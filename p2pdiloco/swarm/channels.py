@@ -102,8 +102,9 @@ class Channels:
         if address not in self.reducers:
             self.reducers[address] = _GrpcReduce(self._channel(address))
         host, _, bulk_port = split_address(address)
+        host = host.strip("[]")  # an IPv6 address as sockets take it, and as the pool knows it
         if bulk_port is not None and self.bulk.reachable(host, bulk_port):
-            return _BulkReduce(self.bulk, host.strip("[]"), bulk_port, self.reducers[address])
+            return _BulkReduce(self.bulk, host, bulk_port, self.reducers[address])
         return self.reducers[address]
 
     async def close(self) -> None:
