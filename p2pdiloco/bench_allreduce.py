@@ -17,7 +17,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import re
 import signal
 import statistics
 import subprocess
@@ -30,23 +29,15 @@ from contextlib import contextmanager
 import torch
 
 from .simulate import write_json
+from .wan.links import rate_bytes_per_s
 
 METHODS = ("p2pdiloco_fp32", "p2pdiloco_e3m0", "gloo", "hivemind")
 EXTRA_METHODS = ("p2pdiloco_grpc_fp32", "p2pdiloco_grpc_e3m0")
-RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|bps|kbps|mbps|gbps)$", re.IGNORECASE)
-_RATE_BYTES = {"bit": 1 / 8, "kbit": 125, "mbit": 125e3, "gbit": 125e6, "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9}
 FP32_TOL, E3M0_REL_TOL = 1e-5, 0.35
 
 
 class BenchError(RuntimeError):
     pass
-
-
-def rate_bytes_per_s(rate: str) -> float:
-    m = RATE.match(rate)
-    if not m:
-        raise ValueError(f"--bandwidth '{rate}' is not a tc rate like 100mbit, 1gbit or 500kbit")
-    return float(m.group(1)) * _RATE_BYTES[m.group(2).lower()]
 
 
 def ring_bytes(numel: int, peers: int) -> int:
@@ -276,7 +267,7 @@ def shaped_loopback(rate: str | None):
     if rate is None:
         yield
         return
-    burst = max(256 << 10, int(rate_bytes_per_s(rate) / 100))  # ≥ lo's 64 KiB MTU, or 10 ms at the rate
+    burst = max(256 << 10, int(rate_bytes_per_s(rate, "--bandwidth") / 100))  # ≥ lo's 64 KiB MTU, or 10 ms at the rate
     cmd = ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, "burst", str(burst), "latency", "100ms"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
@@ -298,7 +289,7 @@ def run_allreduce_bench(peers: int, numel: int, json_path: str, repeats: int = 5
             raise ValueError(f"--methods: '{m}' is unknown; choose from {', '.join(METHODS + EXTRA_METHODS)}")
     if peers < 2 or numel < peers or repeats < 1:
         raise ValueError("--peers must be ≥ 2, --numel ≥ --peers and --repeats ≥ 1")
-    rate = rate_bytes_per_s(bandwidth) if bandwidth else 20e6  # a slow loaded 2-core host moves ≥ 20 MB/s
+    rate = rate_bytes_per_s(bandwidth, "--bandwidth") if bandwidth else 20e6  # a slow loaded 2-core host moves ≥ 20 MB/s
     timeout = 60 + 4 * ring_bytes(numel, peers) * peers / rate
     result = {"peers": peers, "numel": numel, "repeats": repeats, "bandwidth": bandwidth,
               "bandwidth_note": "aggregate loopback rate shared by all peers (tc tbf on lo)" if bandwidth else None,

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-JOIN = re.compile(r"join with: .*--initial-peers (\S+)")
+from p2pdiloco.swarm.local import JOIN
 
 # A configuration small enough for CPU tests: the tiny model, short sequences, frequent syncs.
 TINY = ["--model", "tiny", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2", "--H", "6",

@@ -83,6 +83,7 @@ def test_the_bed_is_torn_down_on_an_error_with_processes_still_running():
             sleeper = bed.spawn(0, ["sleep", "300"])
             escaped = bed.spawn(1, ["sh", "-c", "setsid sleep 300 > /dev/null & echo $!"], stdout=subprocess.PIPE,
                                 text=True)
+            assert select.select([escaped.stdout], [], [], 30)[0], "the escaped sleep's pid never came"
             runaway = int(escaped.stdout.readline())
             assert os.path.exists(f"/proc/{runaway}")
             raise RuntimeError("boom")
@@ -150,7 +151,7 @@ def test_a_harness_killed_with_sigkill_leaves_what_the_next_bed_sweeps():
     finally:
         owner.kill()
         owner.wait(10)
-    removed = host.sweep_stale()
+        removed = host.sweep_stale()  # here too when an assertion above failed: leave no bed behind
     assert set(names) <= set(removed)
     assert not set(names) & host.namespaces()
     assert not [p for p in pids if os.path.exists(f"/proc/{p}") and not _zombie(p)]

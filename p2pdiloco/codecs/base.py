@@ -2,12 +2,13 @@
 values), the `Codec` interface with slicing and parsing, and `CodecError` for malformed payloads.
 
 `len(enc.to_bytes())` is exactly what travels, so byte accounting is exact by construction.
-Blocks never straddle a span boundary when spans are cut at multiples of `align` (see spans.py), so a
+Blocks never straddle a span boundary when spans are cut at multiples of `align` (averaging.span_bounds), so a
 span of an encoded tensor is sliced out without re-encoding.
 """
 from __future__ import annotations
 
 import struct
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +32,11 @@ class Encoded:
     def nbytes(self) -> int:
         return HEADER_BYTES + self.scales.numel() * self.scales.element_size() + self.values.numel()
 
+    def header(self) -> bytes:
+        return HEADER.pack(self.codec.codec_id, self.codec.block.bit_length() - 1, 0, self.numel)
+
     def to_bytes(self) -> bytes:
-        head = HEADER.pack(self.codec.codec_id, self.codec.block.bit_length() - 1, 0, self.numel)
-        return head + self.scales.numpy().tobytes() + self.values.numpy().tobytes()
+        return self.header() + self.scales.numpy().tobytes() + self.values.numpy().tobytes()
 
     def decode(self) -> torch.Tensor:
         return self.codec.decode(self)
@@ -80,11 +83,20 @@ class Codec:
         v0, v1 = start * self.bits // 8, -(-end * self.bits // 8)
         return Encoded(self, end - start, enc.scales[b0:b1], enc.values[v0:v1])
 
-    def from_bytes(self, payload: bytes | memoryview, numel: int) -> Encoded:
+    def from_bytes(self, payload: bytes | memoryview, numel: int, copy: bool = True) -> Encoded:
+        """The payload after its header, as an Encoded of numel values. copy=False: the tensors view
+        `payload`, which must then never be written to while they live (a received message)."""
         expected = self.nbytes(numel) - HEADER_BYTES
         if len(payload) != expected:
             raise CodecError(f"{self.name} payload of {numel} values must be {expected} bytes, got {len(payload)}")
-        raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
+        if not expected:
+            raw = torch.empty(0, dtype=torch.uint8)
+        elif copy:
+            raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        else:
+            with warnings.catch_warnings():  # a read-only buffer: torch warns, and nothing writes to it
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.frombuffer(payload, dtype=torch.uint8)
         nscale = (expected - -(-numel * self.bits // 8))
         scales = raw[:nscale].view(self.scale_dtype) if nscale else torch.empty(0, dtype=self.scale_dtype)
         return Encoded(self, numel, scales, raw[nscale:])

@@ -113,6 +113,7 @@ async def form_group(control, key: SyncKey, me: Member, expected, group_size: in
     rkey = round_key(key)
     mine = await loop.run_in_executor(None, control.declare, rkey, me.address, ttl_s)
     want = set(await loop.run_in_executor(None, expected)) | {me.peer_id}
+    looked = time.monotonic()
     while True:
         declarations = await loop.run_in_executor(None, control.declarations, rkey, ttl_s)
         declarations[me.peer_id] = (me.address, mine)  # my own store may not be readable yet
@@ -123,5 +124,6 @@ async def form_group(control, key: SyncKey, me: Member, expected, group_size: in
         if want <= set(timely) or clock() >= closes + SETTLE_S:
             return make_group(key, timely, me.peer_id, group_size, time.monotonic() - start)
         await asyncio.sleep(poll_s)
-        if time.monotonic() - start > 1.0:  # peers that died since we looked stop being expected
-            want = set(await loop.run_in_executor(None, expected)) | {me.peer_id}
+        if time.monotonic() - looked > 1.0:  # peers that died since we looked stop being expected
+            want = set(await loop.run_in_executor(None, expected)) | {me.peer_id}  # (a read of every record:
+            looked = time.monotonic()                                               # once a second, not per poll)

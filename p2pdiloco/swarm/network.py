@@ -44,6 +44,7 @@ class Network:
         self.transport_note = ""  # what --transport auto found (reachability.py)
         self._spare_means: dict[tuple[str, int], torch.Tensor] = {}  # see average()
         self.group_sizes: dict[int, int] = {}  # averages completed, by group size
+        self.matchmaking_s: list[float] = []  # each completed average's wait for its group
         self.status = {"state": "joining", "step": 0, "tokens": 0, "tokens_per_s": 0.0, "rounds": {}, "ends_at": 0.0}
         try:
             self.control = ControlPlane(ControlConfig(cfg.run_id, cfg.initial_peers, cfg.host, cfg.dht_port,
@@ -145,6 +146,7 @@ class Network:
         result = await allreduce(self.book, self.channels, group, encoded, weight, c.reduce_timeout_s, out=spare)
         self._spare_means[(key.kind, key.index)] = result.mean
         self.group_sizes[group.size] = self.group_sizes.get(group.size, 0) + 1
+        self.matchmaking_s.append(round(group.waited_s, 4))
         log.debug("%s %d round %d: averaged with %d peer(s) (matchmaking %.2fs)", key.kind, key.index, key.round,
                  len(result.participants), group.waited_s)
         return result

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..averaging import span_bounds
 from ..data import Corpus, ShardSampler
 from ..hardware import HardwareConfig, resolve_device
 from ..inner import InnerOptimizer
@@ -91,7 +92,8 @@ class Peer:
         if s.mode == "data_parallel" or s.dp_warmup_steps:
             vectors.append(("the gradient", sum(g.numel() for g in w.global_params), w.grad_codec))
         for what, numel, codec in vectors:
-            need = codec.nbytes(-(-numel // 2)) + 4096  # the message's other fields: far less than 4 KiB
+            span = max(hi - lo for lo, hi in span_bounds(numel, 2, codec.align))
+            need = codec.nbytes(span) + 4096  # the message's other fields: far less than 4 KiB
             if need > limit:
                 raise ValueError(f"{what} has {numel:,} values: half of it in {codec.name} is a {need / 2**20:,.1f} MiB "
                                  f"message, over {cap}; {fix}")
@@ -275,7 +277,8 @@ class Peer:
                 "steps": w.step, "completed": w.schedule.finished(w.step), "tokens": w.tokens,
                 "bytes_sent": w.bytes_sent, "peak_sync_bytes": w.peak_sync_bytes,
                 "data_parallel_bytes": self._data_parallel_bytes(w.step - step0),
-                "skipped_rounds": w.skipped_rounds, "group_sizes": dict(self.net.group_sizes), "wall_s": wall,
+                "skipped_rounds": w.skipped_rounds, "group_sizes": dict(self.net.group_sizes),
+                "matchmaking_s": list(self.net.matchmaking_s), "wall_s": wall,
                 "compute_fraction": compute_s / max(wall - eval_s, 1e-9), "wait_s": w.wait_s, "eval_s": eval_s,
                 "device": str(self.device), "batch_size": cfg.batch_size, "micro_batch": hw.micro_batch,
                 "slowdown": hw.slowdown,

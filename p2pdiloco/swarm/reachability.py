@@ -9,8 +9,9 @@ its libp2p address `p2p:<peer id>` and others average with it through the DHT's 
 (no live peer yet, an older peer, a timeout): it announces gRPC, as before probing existed, and
 says so. The first peer of a run has nobody to ask and announces gRPC.
 
-Not reachable means no prober reached it (one that could not dial out does not decide alone), in
-two attempts `RETRY_AFTER_S` apart (a prober on a loaded machine may time out once).
+Not reachable means no prober reached it (one that could not dial out does not decide alone when
+there is another live peer to ask; the second peer of a run has only the first), in two attempts
+`RETRY_AFTER_S` apart (a prober on a loaded machine may time out once).
 Timeouts: the prober's dial and ping take at most `PING_TIMEOUT_S`; the asking peer waits at most
 `PROBE_TIMEOUT_S` for each of at most `MAX_PROBERS` peers. A prober dials only `host:port`
 addresses, at most 4 at once, and reports only gRPC's status code of a failed dial.

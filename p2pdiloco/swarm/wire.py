@@ -10,13 +10,12 @@ appears twice the last one wins, as in protobuf.)
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 from google.protobuf.message import DecodeError
 
-from ..codecs import HEADER, HEADER_BYTES, CodecError, Encoded, from_bytes, parse_header
+from ..codecs import CodecError, Encoded, parse_header
 from .gen import p2pdiloco_pb2 as pb
 
 SERVICE = "p2pdiloco.v1.Averaging"
@@ -48,8 +47,7 @@ def _read_varint(data: bytes, i: int) -> tuple[int, int]:
 
 def payload_pieces(enc: Encoded) -> list:
     """`enc.to_bytes()` as buffers to join: the header, then views of the scales and values."""
-    head = HEADER.pack(enc.codec.codec_id, enc.codec.block.bit_length() - 1, 0, enc.numel)
-    return [head] + [memoryview(t.contiguous().view(torch.uint8).numpy()) for t in (enc.scales, enc.values)
+    return [enc.header()] + [memoryview(t.contiguous().view(torch.uint8).numpy()) for t in (enc.scales, enc.values)
                      if t.numel()]
 
 
@@ -132,17 +130,7 @@ def parse_payload(payload) -> Encoded:
     """`codecs.from_bytes` without its copy: the tensors view `payload` (a received message, which
     nothing writes to; they are only read). Same checks, same errors."""
     codec, numel, body = parse_header(payload)
-    expected = codec.nbytes(numel) - HEADER_BYTES
-    if len(body) != expected:
-        raise CodecError(f"{codec.name} payload of {numel} values must be {expected} bytes, got {len(body)}")
-    if not expected:
-        return from_bytes(bytes(payload))
-    with warnings.catch_warnings():  # read-only buffer: these tensors are never written to
-        warnings.simplefilter("ignore", UserWarning)
-        raw = torch.frombuffer(body, dtype=torch.uint8)
-    nscale = expected - -(-numel * codec.bits // 8)
-    scales = raw[:nscale].view(codec.scale_dtype) if nscale else torch.empty(0, dtype=codec.scale_dtype)
-    return Encoded(codec, numel, scales, raw[nscale:])
+    return codec.from_bytes(body, numel, copy=False)
 
 
 def split_request(data: bytes) -> tuple[pb.ReduceRequest, memoryview]:

@@ -44,7 +44,6 @@ from .peers import link_check, start_peers, wait_peers
 from .plot import plot
 
 METHODS = ("no_sync", "data_parallel", "diloco", "streaming_overlap_e3m0", "time_budget")
-DEFAULT_METHODS = METHODS
 SLOWDOWN_METHODS = ("streaming_overlap_e3m0", "time_budget")
 # Training options every method shares (the tiny model at a learning rate that moves in a few hundred steps).
 TRAINING = {"--model": "tiny", "--batch-size": "8", "--seq-len": "128", "--eval-batches": "8",
@@ -63,7 +62,7 @@ class WanBenchConfig:
     fragments: int = 2
     tau: int = 5
     seed: int = 0
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    methods: tuple[str, ...] = METHODS
     slowdown: tuple[float, ...] = ()  # per peer; () = all at full speed
     round_seconds: float = 0.0  # time_budget; 0: from the fixed-H run
     duration: float = 0.0  # time_budget; 0: from the fixed-H run
@@ -91,10 +90,6 @@ class WanBenchConfig:
             if "streaming_overlap_e3m0" not in self.methods[:self.methods.index("time_budget")]:
                 raise ValueError("time_budget needs --round-seconds and --duration, or streaming_overlap_e3m0 "
                                  "run before it (its wall time and rounds are then used)")
-        if ({"time_budget"} & set(self.methods) or self.slowdown or self.eval_every_seconds) and not _peer_has(
-                "--round-seconds", "--duration", "--slowdown", "--eval-every-seconds"):
-            raise ValueError("--slowdown, --eval-every-seconds and time_budget need `p2pdiloco peer` options "
-                             "--slowdown, --round-seconds, --duration and --eval-every-seconds, which this version lacks")
         from ..model import model_config
         blocks = model_config(self.training.get("--model", "tiny")).n_layers
         for m in self.methods:
@@ -132,10 +127,10 @@ def peer_args(cfg: WanBenchConfig, name: str, i: int, host: str, budget: tuple[f
     return args + list(cfg.extra_args)
 
 
-def summarize(summaries: list[dict], matchmaking: list[list[float]]) -> dict:
+def summarize(summaries: list[dict]) -> dict:
     mean = statistics.fmean
     cf, losses = [s["compute_fraction"] for s in summaries], [s["eval_loss"] for s in summaries]
-    rounds = [x for xs in matchmaking for x in xs]
+    rounds = [x for s in summaries for x in s["matchmaking_s"]]
     return {"compute_utilization": mean(cf), "compute_utilization_min": min(cf),
             "bytes_sent_per_peer": int(mean(s["bytes_sent"] for s in summaries)),
             "bytes_sent_max": max(s["bytes_sent"] for s in summaries),
@@ -169,10 +164,11 @@ def run_method(bed: NetnsBed, cfg: WanBenchConfig, name: str, workdir: Path, bud
     if late:
         return {"error": f"peer(s) {', '.join(late)} still running after --method-timeout "
                          f"{cfg.method_timeout_s:.0f}s; stopped (logs under {workdir / name})"}
-    failed = [p for p in peers if p.summary() is None]
+    summaries = [p.summary() for p in peers]
+    failed = [p for p, s in zip(peers, summaries) if s is None]
     if failed:
         return {"error": f"peer {failed[0].name} failed (exit {failed[0].proc.returncode}):\n{failed[0].tail()}"}
-    result = summarize([p.summary() for p in peers], [p.matchmaking_s for p in peers])
+    result = summarize(summaries)
     # other_cpu_s: CPU that processes outside the bed took meanwhile; on 2 cores, more than a few
     # seconds means the peers did not have the machine to themselves and the figures are too low.
     result.update(method_wall_s=time.monotonic() - started, wire_cpu_s=bed.wire_cpu_s() - cpu0,
@@ -245,12 +241,3 @@ def _code_version() -> str | None:
         return None
     return r.stdout.strip() or None
 
-
-def _peer_has(*flags: str) -> bool:
-    """Whether `p2pdiloco peer` takes these options (the time-budget ones came after this bench)."""
-    import argparse
-
-    from ..swarm.cli import add_peer_parser
-    sub = argparse.ArgumentParser().add_subparsers()
-    add_peer_parser(sub)
-    return all(f in sub.choices["peer"]._option_string_actions for f in flags)

@@ -5,7 +5,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .bench_wan import DEFAULT_METHODS, LOADED, SLOWDOWN_METHODS, TRAINING, WanBenchConfig, run_wan_bench
+from .bench_wan import LOADED, METHODS, SLOWDOWN_METHODS, TRAINING, WanBenchConfig, run_wan_bench
 from .host import BedError
 from .links import LinkSpec, parse_delay_ms
 
@@ -23,7 +23,7 @@ def add_parser(bench_sub) -> None:
     wan.add_argument("--seed", type=int, default=0)
     wan.add_argument("--model", default=TRAINING["--model"])
     wan.add_argument("--batch-size", default=TRAINING["--batch-size"])
-    wan.add_argument("--methods", nargs="+", metavar="NAME", help=f"default: {' '.join(DEFAULT_METHODS)}; "
+    wan.add_argument("--methods", nargs="+", metavar="NAME", help=f"default: {' '.join(METHODS)}; "
                                                                   f"with --slowdown: {' '.join(SLOWDOWN_METHODS)}")
     wan.add_argument("--slowdown", metavar="F,F,...", help="per peer: each step takes F times its compute")
     wan.add_argument("--round-seconds", type=float, default=0.0, help="time_budget's round (default: from the fixed-H run)")
@@ -47,7 +47,7 @@ def cli(args) -> int:
     cfg = WanBenchConfig(
         link=LinkSpec(args.bandwidth, parse_delay_ms(args.delay, "--delay"), args.loss), peers=args.peers,
         steps=args.steps, H=args.H, fragments=args.fragments, tau=args.tau, seed=args.seed,
-        methods=tuple(args.methods or (SLOWDOWN_METHODS if slowdown else DEFAULT_METHODS)), slowdown=slowdown,
+        methods=tuple(args.methods or (SLOWDOWN_METHODS if slowdown else METHODS)), slowdown=slowdown,
         round_seconds=args.round_seconds, duration=args.duration, eval_every_seconds=eval_every,
         method_timeout_s=args.method_timeout, backend=args.backend, quiet_wait_s=args.wait_quiet,
         retries=args.retries,

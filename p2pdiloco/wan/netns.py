@@ -35,9 +35,6 @@ from .host import (PREFIX, BedError, kill_namespace, killpg, links, live_members
                    sweep_stale, unavailable_reason)
 from .links import QUEUE_S, BedConfig
 
-__all__ = ["NetnsBed", "BedError", "unavailable_reason", "netem_available", "sweep_stale"]
-
-
 class NetnsBed:
     """`with NetnsBed(BedConfig(4, LinkSpec("20mbit", 25))) as bed: bed.spawn(i, argv, ...)`."""
 
@@ -90,6 +87,7 @@ class NetnsBed:
             self._made_links.append(self.bridge)
             run(["ip", "link", "set", self.bridge, "addrgenmode", "none"], check=False)  # no IPv6 chatter
             run(["ip", "link", "set", self.bridge, "up"])
+        qdisc = self._qdisc()  # the same shaping on both ends of every veth
         for i, (ns, h, n) in enumerate(zip(self.namespaces, self.host_ifs, self.ns_ifs)):
             run(["ip", "link", "add", h, "type", "veth", "peer", "name", n, "address", self.macs[i], "netns", ns])
             self._made_links.append(h)
@@ -104,8 +102,8 @@ class NetnsBed:
             lines += [f"neigh replace {a} lladdr {m} dev {n} nud permanent"
                       for j, (a, m) in enumerate(zip(self.addresses, self.macs)) if j != i]
             run(["ip", "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n")
-            run(["tc", "-n", ns, "qdisc", "add", "dev", n, "root", *self._qdisc()])
-            run(["tc", "qdisc", "add", "dev", h, "root", *self._qdisc()])
+            run(["tc", "-n", ns, "qdisc", "add", "dev", n, "root", *qdisc])
+            run(["tc", "qdisc", "add", "dev", h, "root", *qdisc])
         if self.backend == "wire":
             self._start_wire()
 

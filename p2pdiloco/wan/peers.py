@@ -1,16 +1,13 @@
 """Real peers inside a NetnsBed, started the way a user starts them: the first starts the run, the
 others join through its printed join line. Each peer is `p2pdiloco peer` in its own namespace and
 process group, listening on its namespace's address; its output goes to `peer.log` in its folder,
-and its `[peer]` lines are relayed to the caller.
-
-Peers run with the `p2pdiloco.network` logger at DEBUG, which logs every average's matchmaking
-time (`... averaged with N peer(s) (matchmaking X s)`): on a WAN that is where rounds spend time.
+and its `[peer]` lines are relayed to the caller. Each peer's summary (`--json summary.json`)
+holds what the bench reads, the matchmaking time of every average included.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import subprocess
 import sys
@@ -18,13 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+from ..swarm.local import JOIN
 from .netns import NetnsBed
-
-JOIN = re.compile(r"join with: .*--initial-peers (\S+)")
-ROUND = re.compile(r"(\w+) (\d+) round (\d+): averaged with (\d+) peer\(s\) \(matchmaking ([\d.]+)s\)")
-# `python -m p2pdiloco.cli peer`, with the network's per-round log lines switched on.
-PEER_MAIN = ("import logging, sys; logging.getLogger('p2pdiloco.network').setLevel(logging.DEBUG); "
-             "from p2pdiloco.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 class BedPeer:
@@ -32,9 +24,8 @@ class BedPeer:
         workdir.mkdir(parents=True, exist_ok=True)
         self.name, self.workdir, self.echo = f"p{i}", workdir, echo
         self.lines: list[str] = []
-        self.matchmaking_s: list[float] = []  # one per completed average
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        self.proc = bed.spawn(i, [sys.executable, "-c", PEER_MAIN, "peer", *args], cwd=workdir, env=env,
+        self.proc = bed.spawn(i, [sys.executable, "-m", "p2pdiloco.cli", "peer", *args], cwd=workdir, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -45,10 +36,7 @@ class BedPeer:
                 log.write(line)
                 line = line.rstrip()
                 self.lines.append(line)
-                m = ROUND.search(line)
-                if m:
-                    self.matchmaking_s.append(float(m.group(5)))
-                elif line.startswith("[peer]") or " ERROR " in line or "Traceback" in line:
+                if line.startswith("[peer]") or " ERROR " in line or "Traceback" in line:
                     self.echo(f"  {self.name} {line}")
 
     def join_address(self, timeout_s: float) -> str:
@@ -94,7 +82,7 @@ def wait_peers(peers: list[BedPeer], timeout_s: float) -> list[str]:
         except subprocess.TimeoutExpired:
             pass
     for p in peers:
-        p._reader.join(5)  # the last lines, for the log and the matchmaking times
+        p._reader.join(5)  # the last lines, for the log
     return [p.name for p in peers if p.proc.poll() is None]
 
 
@@ -130,7 +118,9 @@ def link_check(bed: NetnsBed, i: int = 0, j: int = 1, nbytes: int = 2_000_000, t
     client = None
     try:
         ready, _, _ = select.select([server.stdout], [], [], timeout_s)
-        port = server.stdout.readline().strip() if ready else "(no port within the timeout)"
+        if not ready:  # the server itself did not start: not the link's fault
+            raise RuntimeError(f"the link check's server in peer {j}'s namespace printed no port within {timeout_s:.0f}s")
+        port = server.stdout.readline().strip()
         client = bed.spawn(i, [sys.executable, "-c", _CLIENT, bed.addresses[j], port, str(nbytes)],
                            stdout=subprocess.PIPE, text=True)
         out, _ = client.communicate(timeout=timeout_s)
