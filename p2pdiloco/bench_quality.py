@@ -4,7 +4,8 @@ Methods (all through simulate.run_simulation, so the same model init, batches an
 - data_parallel: gradients averaged every step (bf16 all-reduce bytes);
 - diloco: P = 1, τ = 0, fp32 pseudo-gradients;
 - streaming: P fragments, τ = 0, fp32;
-- streaming_overlap_e3m0: P fragments, τ = 1, α = 0.5, 4-bit E3M0;
+- streaming_overlap_e3m0: P fragments, τ = 1, α = 0.5, 4-bit E3M0 (`--codec e3m0-huffman`: the same
+  values Huffman-coded on the wire);
 - streaming_overlap_e3m0_eager: the same with eager updates.
 """
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .averaging import member_bytes
-from .codecs import get_codec
 from .data import Corpus
 from .simulate import SimConfig, run_simulation, write_json
 from .streaming import StreamingConfig
@@ -45,10 +44,12 @@ def method_config(name: str, base: StreamingConfig) -> StreamingConfig:
         return replace(base, fragments=1, tau=0, alpha=0.0, eager=False, codec="fp32")
     if name == "streaming":
         return replace(base, tau=0, alpha=0.0, eager=False, codec="fp32")
+    # The 4-bit methods keep a --codec of the E3M0 family (e3m0-huffman: the same values, fewer bytes).
+    four_bit = base.codec if base.codec.startswith("e3m0") else "e3m0"
     if name == "streaming_overlap_e3m0":
-        return replace(base, tau=1, alpha=0.5, eager=False, codec="e3m0")
+        return replace(base, tau=1, alpha=0.5, eager=False, codec=four_bit)
     if name == "streaming_overlap_e3m0_eager":
-        return replace(base, tau=1, alpha=0.5, eager=True, codec="e3m0")
+        return replace(base, tau=1, alpha=0.5, eager=True, codec=four_bit)
     raise ValueError(f"--methods: '{name}' is unknown; choose from {', '.join(METHODS)}")
 
 
@@ -73,14 +74,12 @@ def run_quality(preset: str, cfg: SimConfig, json_path: str, methods=METHODS, pr
     return result
 
 
-def round_bytes(name: str, cfg: SimConfig, fragments: list[dict]) -> int:
-    """Bytes a worker sends in one steady-state period of H steps: one sync of every fragment
-    (or H gradient all-reduces for data-parallel), from the same exact accounting as the run."""
-    codec = get_codec("bf16" if name == "data_parallel" else method_config(name, cfg.streaming).codec)
-    one = lambda numel: max(member_bytes(codec, numel, cfg.workers, i) for i in range(cfg.workers))
+def round_bytes(name: str, cfg: SimConfig, method: dict) -> float:
+    """Bytes a worker sends in one steady-state period of H steps: one sync of every fragment (or
+    H gradient all-reduces for data-parallel), from what the run's syncs cost on average."""
     if name == "data_parallel":
-        return cfg.streaming.H * one(sum(f["numel"] for f in fragments))
-    return sum(one(f["numel"]) for f in fragments)
+        return cfg.streaming.H * method["full_sync_bytes"]
+    return sum(f["bytes_per_sync"] for f in method["fragments"])
 
 
 def ratios(methods: dict, cfg: SimConfig) -> dict:
@@ -94,7 +93,7 @@ def ratios(methods: dict, cfg: SimConfig) -> dict:
                 r["bytes_fewer_than_data_parallel"] = dp["bytes_sent_per_worker"] / m["bytes_sent_per_worker"]
                 # The same without the run's start and end (first syncs, final sync): one H period.
                 r["bytes_fewer_than_data_parallel_per_H_steps"] = (
-                    round_bytes("data_parallel", cfg, dp["fragments"]) / round_bytes(name, cfg, m["fragments"]))
+                    round_bytes("data_parallel", cfg, dp) / round_bytes(name, cfg, m))
         if dl:
             r["eval_loss_vs_diloco"] = m["eval_loss"] / dl["eval_loss"]
         r["peak_sync_vs_full_model_sync"] = m["peak_sync_bytes"] / m["full_sync_bytes"]

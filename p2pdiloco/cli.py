@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument("--repeats", type=int, default=5, help="timed averages per method, after one warm-up")
     allreduce.add_argument("--bandwidth", metavar="RATE", help="shape loopback to this rate (100mbit; root)")
     allreduce.add_argument("--methods", nargs="+", metavar="NAME", help="the methods to run (default: the four of the issue; "
-                           "p2pdiloco_grpc_fp32 and p2pdiloco_grpc_e3m0 run Reduce over gRPC)")
+                           "p2pdiloco_grpc_fp32 and p2pdiloco_grpc_e3m0 run Reduce over gRPC, "
+                           "p2pdiloco_e3m0-huffman Huffman-codes E3M0's codes)")
     allreduce.add_argument("--json", metavar="FILE", required=True)
     allreduce.set_defaults(threads=0)  # every peer process uses one thread
     from .wan.cli import add_parser as add_bench_wan_parser

@@ -22,6 +22,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .codecs import CODECS
 from .data import DataConfig
 from .inner import InnerConfig
 from .outer import OuterConfig
@@ -50,7 +51,9 @@ OPTIONS: list[tuple[str, str | None, str, dict]] = [
     ("--tau", "streaming", "tau", {"type": int, "help": "overlap: steps between sending Δ and applying its mean"}),
     ("--alpha", "streaming", "alpha", {"type": float, "help": "merge weight of the local replica"}),
     ("--eager", "streaming", "eager", {"action": "store_const", "const": True, "help": "eager updates"}),
-    ("--codec", "streaming", "codec", {"choices": ["fp32", "bf16", "fp16", "int8", "e3m0"]}),
+    ("--codec", "streaming", "codec", {"choices": list(CODECS),
+                                           "help": "what Δ and means travel as (e3m0-huffman: the same "
+                                                   "values in ~12%% fewer bytes, for slow links)"}),
     ("--no-error-feedback", "streaming", "error_feedback", {"action": "store_const", "const": False,
                                                            "help": "send each round's Δ without last round's codec error"}),
     ("--dp-warmup-steps", "streaming", "dp_warmup_steps", {"type": int}),

@@ -18,8 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .averaging import InProcessAverager, member_bytes
-from .codecs import get_codec
+from .averaging import InProcessAverager
 from .data import Corpus, DataConfig, ShardSampler
 from .inner import InnerConfig, InnerOptimizer
 from .model import Transformer, model_config
@@ -151,13 +150,13 @@ def run_simulation(cfg: SimConfig, corpus: Corpus | None = None, progress: Progr
         "peak_sync_bytes": max(w.peak_sync_bytes for w in workers),
         "skipped_rounds": sum(w.skipped_rounds for w in workers),
         "parameters": sim.base.num_parameters(),
-        # What one average of the whole model costs a worker in this run's codec, for comparison
-        # with peak_sync_bytes (a fragment's sync should be about 1/P of it).
-        "full_sync_bytes": max(member_bytes(get_codec("bf16" if cfg.streaming.mode == "data_parallel"
-                                                      else cfg.streaming.codec),
-                                            sim.base.num_parameters(), cfg.workers, i)
-                               for i in range(cfg.workers)),
-        "fragments": [{"name": f.name, "numel": f.numel} for f in workers[0].fragments],
+        # What one average of the whole model cost a worker, for comparison with peak_sync_bytes (a
+        # fragment's sync should be about 1/P of it): one gradient all-reduce, or one sync of every
+        # fragment, as measured (an entropy-coded codec's sizes depend on the values).
+        "full_sync_bytes": (_bytes_per_sync(workers, "grad") if cfg.streaming.mode == "data_parallel"
+                            else sum(_bytes_per_sync(workers, i) for i in range(len(workers[0].fragments)))),
+        "fragments": [{"name": f.name, "numel": f.numel, "bytes_per_sync": _bytes_per_sync(workers, i)}
+                      for i, f in enumerate(workers[0].fragments)],
         "wall_s": wall,
         "config": _jsonable(asdict(cfg)),
     }
@@ -169,6 +168,11 @@ def _check_vocab(corpus: Corpus, vocab: int) -> None:
         if top >= vocab:
             raise ValueError(f"data.paths: token id {top} is outside the model's vocabulary of {vocab}; "
                              f"use a model with a larger vocab_size")
+
+
+def _bytes_per_sync(workers: list, what: int | str) -> float:
+    """The most one sync of `what` cost any worker, on average over the run (0 if it never synced)."""
+    return max((w.bytes_per_sync(what) or 0.0) for w in workers)
 
 
 def _jsonable(obj):

@@ -127,6 +127,9 @@ class Worker:
         self.tokens = 0
         self.bytes_sent = 0
         self.peak_sync_bytes = 0
+        # What each kind of sync cost this worker: fragment index, or "grad" for a gradient
+        # all-reduce, -> [bytes, syncs]. A sync's size depends on the values with an entropy-coded codec.
+        self.sync_bytes: dict[int | str, list[int]] = {}
         self.skipped_rounds = 0
         self.applied_rounds: dict[int, int] = {}  # fragment -> the last round whose mean was applied
         self.missed: set[int] = set()  # fragments whose last round failed here (a swarm peer catches up)
@@ -167,7 +170,7 @@ class Worker:
         if self._grad_future is not None:
             result = self._await(self._grad_future)
             self._grad_future = None
-            self._count_bytes(result.bytes_sent)
+            self._count_bytes(result.bytes_sent, "grad")
             offset = 0
             for p in self.model.parameters():
                 p.grad.copy_(result.mean[offset: offset + p.numel()].view_as(p))
@@ -266,7 +269,7 @@ class Worker:
             log.warning("%s: fragment %d round %d not averaged (%s: %s); keeping the local fragment",
                         self.name, f, sync.round, type(exc).__name__, exc)
             return
-        self._count_bytes(result.bytes_sent)
+        self._count_bytes(result.bytes_sent, f)
         with self.lock:
             self.applied_rounds[f] = sync.round
             self.outer[f].step(self.global_params[f], result.mean)
@@ -284,9 +287,17 @@ class Worker:
         finally:
             self.wait_s += time.perf_counter() - start
 
-    def _count_bytes(self, n: int) -> None:
+    def _count_bytes(self, n: int, what: int | str) -> None:
         self.bytes_sent += n
         self.peak_sync_bytes = max(self.peak_sync_bytes, n)
+        total = self.sync_bytes.setdefault(what, [0, 0])
+        total[0] += n
+        total[1] += 1
+
+    def bytes_per_sync(self, what: int | str) -> float | None:
+        """The mean bytes one sync of `what` (fragment index, or "grad") cost this worker; None if none happened."""
+        total, count = self.sync_bytes.get(what, (0, 0))
+        return total / count if count else None
 
     # ---- the model to evaluate and to export: the global parameters
     @torch.no_grad()

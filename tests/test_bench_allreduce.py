@@ -44,13 +44,16 @@ def test_bench_allreduce_bad_input_is_one_clear_line(tmp_path):
         assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_bench_allreduce_grpc_methods_send_the_same_bytes(tmp_path):
-    """The `_grpc_` methods run Reduce over gRPC (as --bulk-port -1 does): same bytes, same means."""
+def test_bench_allreduce_extra_methods(tmp_path):
+    """The `_grpc_` methods run Reduce over gRPC (as --bulk-port -1 does); e3m0-huffman sends
+    fewer bytes than e3m0 for the same means."""
     out = tmp_path / "g.json"
     r = run(["bench", "allreduce", "--peers", "2", "--numel", "20000", "--repeats", "1", "--methods",
-             "p2pdiloco_grpc_fp32", "p2pdiloco_grpc_e3m0", "--json", str(out)])
+             "p2pdiloco_grpc_fp32", "p2pdiloco_grpc_e3m0", "p2pdiloco_e3m0-huffman", "--json", str(out)])
     assert r.returncode == 0, r.stdout + r.stderr
     m = json.loads(out.read_text())["methods"]
-    assert m["p2pdiloco_grpc_fp32"]["error"] is None and m["p2pdiloco_grpc_e3m0"]["error"] is None
+    assert all(v["error"] is None for v in m.values())
+    assert m["p2pdiloco_e3m0-huffman"]["max_rel_error"] == m["p2pdiloco_grpc_e3m0"]["max_rel_error"]
+    assert m["p2pdiloco_e3m0-huffman"]["bytes_sent_per_peer"] < 0.95 * m["p2pdiloco_grpc_e3m0"]["bytes_sent_per_peer"]
     assert m["p2pdiloco_grpc_fp32"]["bytes_sent_per_peer"] == 2 * (2 - 1) / 2 * 20000 * 4 + 2 * 8
     assert m["p2pdiloco_grpc_fp32"]["max_abs_error"] <= 1e-5

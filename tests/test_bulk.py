@@ -11,7 +11,7 @@ import grpc
 import pytest
 import torch
 
-from p2pdiloco.averaging import SyncKey
+from p2pdiloco.averaging import InProcessAverager, SyncKey, member_bytes
 from p2pdiloco.codecs import get_codec
 from p2pdiloco.swarm import bulk
 from p2pdiloco.swarm.channels import Channels
@@ -29,8 +29,8 @@ MAX_BYTES = 1 << 20
 class Plane:
     """One peer's data plane on a loop of its own."""
 
-    def __init__(self, name: str, reduce_timeout_s: float = 2.0, bulk_port: int = 0):
-        self.identity, self.timeout = Identity("run", "hash", name, "fp32"), reduce_timeout_s
+    def __init__(self, name: str, reduce_timeout_s: float = 2.0, bulk_port: int = 0, codec: str = "fp32"):
+        self.identity, self.timeout, self.codec = Identity("run", "hash", name, codec), reduce_timeout_s, get_codec(codec)
         self.book = RoundBook(self.identity, reduce_timeout_s)
         self.loop = BackgroundLoop(name)
         self.servers = Servers(Servicer(self.book, None), MAX_BYTES, reduce_timeout_s)
@@ -40,9 +40,9 @@ class Plane:
     async def _channels(self):
         return Channels(MAX_BYTES)
 
-    def average(self, declared: dict[str, str], x: torch.Tensor, r: int = 0):
+    def average(self, declared: dict[str, str], x: torch.Tensor, r: int = 0, weight: float = 1.0):
         group = make_group(SyncKey("fragment", 0, r), declared, self.identity.peer_id, group_size=8)
-        return self.loop.submit(allreduce(self.book, self.channels, group, get_codec("fp32").encode(x), 1.0,
+        return self.loop.submit(allreduce(self.book, self.channels, group, self.codec.encode(x), weight,
                                           self.timeout))
 
     def close(self):
@@ -120,6 +120,22 @@ def test_peers_average_over_their_bulk_ports(planes):
     # ... and read the fp32 means' values straight into place: no buffer took a whole reply.
     assert all(not p.channels.bulk.buffers.kept for p in (a, b, c))
     assert all(p.servers.bulk.buffers.kept for p in (a, b, c))  # while the owners' parts did
+
+
+@pytest.mark.parametrize("bulk_port", [0, -1])
+def test_huffman_coded_parts_average_as_in_the_simulator(planes, bulk_port):
+    """e3m0-huffman over real sockets (the bulk port, or gRPC): the means and byte counts of the
+    in-process averager, bit for bit and byte for byte."""
+    names, xs, ws = ("a", "b", "c"), [torch.randn(50_000) for _ in range(3)], [3.0, 1.0, 2.0]
+    peers = [planes(n, bulk_port=bulk_port, codec="e3m0-huffman") for n in names]
+    declared = {p.identity.peer_id: address("127.0.0.1", p.port, p.bulk_port) for p in peers}
+    results = [f.result(30) for f in [p.average(declared, x, weight=w) for p, x, w in zip(peers, xs, ws)]]
+    sim = InProcessAverager(list(names))
+    codec = get_codec("e3m0-huffman")
+    expected = [sim.member(n).submit(SyncKey("fragment", 0, 0), codec.encode(x), w) for n, x, w in zip(names, xs, ws)]
+    for i, (res, want) in enumerate(zip(results, (f.result(1) for f in expected))):
+        assert torch.equal(res.mean, want.mean) and res.participants == names
+        assert res.bytes_sent == want.bytes_sent < 0.95 * member_bytes(get_codec("e3m0"), 50_000, 3, i)
 
 
 def test_an_unreachable_bulk_port_falls_back_to_grpc(planes, caplog):

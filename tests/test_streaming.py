@@ -112,6 +112,28 @@ def test_same_seed_same_result(text_file, small_corpus):
     assert c["eval_curve"] != a["eval_curve"]
 
 
+def test_huffman_coded_e3m0_trains_the_same_model_for_fewer_bytes(text_file, small_corpus):
+    from p2pdiloco.averaging import member_bytes
+    from p2pdiloco.bench_quality import ratios
+    from p2pdiloco.codecs import get_codec
+
+    cfg = sim_config(text_file, H=4, fragments=2, tau=1, alpha=0.5, codec="e3m0")
+    plain = run_simulation(cfg, small_corpus, progress=None)
+    coded = run_simulation(replace(cfg, streaming=replace(cfg.streaming, codec="e3m0-huffman")), small_corpus, progress=None)
+    assert coded["eval_curve"] == plain["eval_curve"]  # lossless: the same values, bit for bit
+    assert coded["bytes_sent_per_worker"] < plain["bytes_sent_per_worker"]
+    # A fixed-size codec's measured sync costs are its analytic ones; the coded ones are less.
+    for p, c in zip(plain["fragments"], coded["fragments"]):
+        assert p["bytes_per_sync"] == max(member_bytes(get_codec("e3m0"), p["numel"], cfg.workers, i)
+                                          for i in range(cfg.workers))
+        assert 0 < c["bytes_per_sync"] < p["bytes_per_sync"]
+    assert plain["full_sync_bytes"] == sum(f["bytes_per_sync"] for f in plain["fragments"])
+    dp = run_simulation(replace(cfg, streaming=replace(cfg.streaming, mode="data_parallel")), small_corpus, progress=None)
+    r = ratios({"data_parallel": dp, "plain": plain, "coded": coded}, cfg)
+    per_h = {k: v["bytes_fewer_than_data_parallel_per_H_steps"] for k, v in r.items()}
+    assert per_h["data_parallel"] == 1.0 and per_h["plain"] < 4 * cfg.streaming.H < per_h["coded"]
+
+
 def test_all_workers_share_the_global_parameters(text_file, small_corpus):
     sim = Simulation(sim_config(text_file, H=6, fragments=2, tau=1, alpha=0.5, codec="e3m0"), small_corpus)
     for _ in range(11):

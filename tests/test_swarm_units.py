@@ -183,7 +183,7 @@ def _request(payload: bytes = b""):
                             index=2, round=10**12, group_id=b"\x00g", weight=123.5, payload=payload)
 
 
-@pytest.mark.parametrize("codec", ["fp32", "bf16", "int8", "e3m0"])
+@pytest.mark.parametrize("codec", ["fp32", "bf16", "int8", "e3m0", "e3m0-huffman"])
 @pytest.mark.parametrize("numel", [0, 1, 1000, 4099])
 def test_reduce_messages_are_protobufs_and_payloads_round_trip(codec, numel):
     import torch
@@ -193,7 +193,7 @@ def test_reduce_messages_are_protobufs_and_payloads_round_trip(codec, numel):
     from p2pdiloco.swarm.gen import p2pdiloco_pb2 as pb
 
     enc = get_codec(codec).encode(torch.randn(numel))
-    pieces = dp.payload_pieces(enc)
+    pieces = enc.pieces()
     assert b"".join(pieces) == enc.to_bytes()
     # A request is byte for byte what protobuf writes (payload is its last field) ...
     wire = b"".join(dp.with_payload(_request().SerializeToString(), dp.REQUEST_PAYLOAD, pieces))

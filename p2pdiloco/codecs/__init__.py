@@ -1,8 +1,10 @@
-"""Codecs for everything that crosses the wire: fp32, bf16, fp16, int8 (blockwise absmax), E3M0 4-bit.
+"""Codecs for everything that crosses the wire: fp32, bf16, fp16, int8 (blockwise absmax), E3M0 4-bit,
+and E3M0 with its codes Huffman-coded (lossless, about 3.5 bits a value).
 
 An encoded tensor is an `Encoded` (base.py): an 8-byte header, per-block scales and the packed values.
 Decoding always produces fp32 and accumulation happens in fp32 (Streaming DiLoCo, arXiv 2501.18512 §2.3).
-base.py holds what all share, simple.py the casts and int8, e3m0.py the 4-bit codec.
+base.py holds what all share, simple.py the casts and int8, e3m0.py the 4-bit codec, entropy.py its
+Huffman-coded form.
 """
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ import torch
 
 from .base import HEADER, HEADER_BYTES, Codec, CodecError, Encoded
 from .e3m0 import E3M0Codec
+from .entropy import E3M0HuffmanCodec
 from .simple import CastCodec, Int8Codec
 
 __all__ = ["HEADER", "HEADER_BYTES", "CODECS", "Codec", "CodecError", "Encoded", "CastCodec", "Int8Codec",
-           "E3M0Codec", "get_codec", "from_bytes", "parse_header"]
+           "E3M0Codec", "E3M0HuffmanCodec", "get_codec", "from_bytes", "parse_header"]
 
 CODECS: dict[str, Codec] = {
     "fp32": CastCodec("fp32", 1, torch.float32),
@@ -21,6 +24,7 @@ CODECS: dict[str, Codec] = {
     "fp16": CastCodec("fp16", 3, torch.float16),
     "int8": Int8Codec(),
     "e3m0": E3M0Codec(),
+    "e3m0-huffman": E3M0HuffmanCodec(),
 }
 _BY_ID = {c.codec_id: c for c in CODECS.values()}
 

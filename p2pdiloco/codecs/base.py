@@ -1,7 +1,9 @@
 """What every codec shares: the `Encoded` payload (an 8-byte header, per-block scales, the packed
 values), the `Codec` interface with slicing and parsing, and `CodecError` for malformed payloads.
 
-`len(enc.to_bytes())` is exactly what travels, so byte accounting is exact by construction.
+`len(enc.to_bytes())` is exactly what travels, so byte accounting is exact by construction. For
+most codecs that size follows from the number of values (`Codec.nbytes`); an entropy-coded codec's
+depends on the values too (`Codec.variable_size`), and `Codec.nbytes` is then its upper bound.
 Blocks never straddle a span boundary when spans are cut at multiples of `align` (averaging.span_bounds), so a
 span of an encoded tensor is sliced out without re-encoding.
 """
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,16 +29,25 @@ class Encoded:
     numel: int
     scales: torch.Tensor  # per-block scales (dtype per codec), empty for plain casts
     values: torch.Tensor  # uint8 bytes of the packed values
+    # The values as the codec puts them on the wire, where that differs from the packed bytes (an
+    # entropy-coded codec): computed once, by whichever thread first needs it.
+    wire_cache: list = field(default_factory=list, compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:
-        return HEADER_BYTES + self.scales.numel() * self.scales.element_size() + self.values.numel()
+        return HEADER_BYTES + self.scales.numel() * self.scales.element_size() + self.codec.wire_values_nbytes(self)
 
     def header(self) -> bytes:
         return HEADER.pack(self.codec.codec_id, self.codec.block.bit_length() - 1, 0, self.numel)
 
+    def pieces(self) -> list:
+        """`to_bytes()` as buffers to join or to write one after the other, without copying the
+        tensors: the header, then views of the scales and of the values as they travel."""
+        body = [memoryview(self.scales.contiguous().view(torch.uint8).numpy()), self.codec.wire_values(self)]
+        return [self.header()] + [b for b in body if len(b)]
+
     def to_bytes(self) -> bytes:
-        return self.header() + self.scales.numpy().tobytes() + self.values.numpy().tobytes()
+        return b"".join(self.pieces())
 
     def decode(self) -> torch.Tensor:
         return self.codec.decode(self)
@@ -64,6 +75,16 @@ class Codec:
 
     # True where no payload of the right length decodes to NaN or ±inf, so there is nothing to check.
     decodes_finite = False
+    # True where a payload's size depends on the values (entropy coding): nbytes(numel) is then an
+    # upper bound, and only Encoded.nbytes says what one payload costs.
+    variable_size = False
+
+    def wire_values(self, enc: Encoded):
+        """enc's packed values as they travel (a buffer)."""
+        return memoryview(enc.values.contiguous().numpy())
+
+    def wire_values_nbytes(self, enc: Encoded) -> int:
+        return enc.values.numel()
 
     @property
     def align(self) -> int:

@@ -37,7 +37,7 @@ from .matchmaking import Group
 from .bulk import BulkError
 from .channels import Channels
 from .records import PROTOCOL_VERSION
-from .wire import (REPLY_PAYLOAD, SERVICE, InPlace, check_in_place, parse_payload, payload_pieces, split_request,
+from .wire import (REPLY_PAYLOAD, SERVICE, InPlace, check_in_place, parse_payload, split_request,
                    with_payload)
 
 log = logging.getLogger("p2pdiloco.dataplane")
@@ -160,7 +160,7 @@ class RoundBook:
             else:
                 head, mean = await asyncio.get_running_loop().run_in_executor(
                     None, _reply, part.codec, parts, names, total)
-            pieces = payload_pieces(mean)
+            pieces = mean.pieces()
             rnd.reply = with_payload(head.SerializeToString(), REPLY_PAYLOAD, pieces)
             rnd.changed.notify_all()
         asyncio.get_running_loop().call_later(self.timeout, self.rounds.pop, group.key, None)
@@ -323,7 +323,10 @@ async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: 
     async def call(i: int) -> pb.ReduceReply:
         nonlocal sent
         lo, hi = spans[i]
-        pieces = payload_pieces(encoded.slice(lo, hi))
+        part = encoded.slice(lo, hi)
+        # An entropy-coded part is coded now: a CPU pass (zlib lets go of the GIL) off the event loop.
+        pieces = await asyncio.get_running_loop().run_in_executor(None, part.pieces) if part.codec.variable_size \
+            else part.pieces()
         sent += sum(len(p) for p in pieces)
         request = pb.ReduceRequest(caller=caller, kind=group.key.kind, index=group.key.index,
                                    round=group.key.round, group_id=group.group_id, weight=weight)

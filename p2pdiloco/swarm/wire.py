@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from google.protobuf.message import DecodeError
 
 from ..codecs import CodecError, Encoded, parse_header
@@ -43,12 +42,6 @@ def _read_varint(data: bytes, i: int) -> tuple[int, int]:
         if b < 0x80:
             return n, i
         shift += 7
-
-
-def payload_pieces(enc: Encoded) -> list:
-    """`enc.to_bytes()` as buffers to join: the header, then views of the scales and values."""
-    return [enc.header()] + [memoryview(t.contiguous().view(torch.uint8).numpy()) for t in (enc.scales, enc.values)
-                     if t.numel()]
 
 
 def with_payload(head: bytes, field_number: int, pieces: list) -> list:
