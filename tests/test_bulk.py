@@ -122,6 +122,22 @@ def test_peers_average_over_their_bulk_ports(planes):
     assert all(p.servers.bulk.buffers.kept for p in (a, b, c))  # while the owners' parts did
 
 
+@pytest.mark.parametrize("codec", ["fp32", "bf16"])
+@pytest.mark.parametrize("weights", [(3.0, 1.0, 2.0), (0.0, 0.0, 0.0)])
+def test_owners_sum_decoded_parts_as_they_come_and_weigh_them(planes, codec, weights):
+    """An owner sums fp32/bf16 parts on arrival (Σ w·x, divided at the end); no tokens at all is a plain mean."""
+    peers = [planes(n, codec=codec) for n in ("a", "b", "c")]
+    declared = {p.identity.peer_id: address("127.0.0.1", p.port, p.bulk_port) for p in peers}
+    xs = [torch.randn(20_000) for _ in peers]
+    results = [f.result(30) for f in [p.average(declared, x, weight=w) for p, x, w in zip(peers, xs, weights)]]
+    cast = [get_codec(codec).encode(x).decode() for x in xs]
+    w = torch.tensor(weights) if sum(weights) else torch.ones(3)
+    expected = get_codec(codec).encode(sum(wi * x for wi, x in zip(w, cast)) / w.sum()).decode()
+    tol = 1e-6 if codec == "fp32" else 1e-2
+    for res in results:
+        assert torch.equal(res.mean, results[0].mean) and torch.allclose(res.mean, expected, atol=tol)
+
+
 @pytest.mark.parametrize("bulk_port", [0, -1])
 def test_huffman_coded_parts_average_as_in_the_simulator(planes, bulk_port):
     """e3m0-huffman over real sockets (the bulk port, or gRPC): the means and byte counts of the

@@ -8,9 +8,9 @@ within about 1% of that entropy. It is lossless: decoding, the owner's fused wei
 result are E3M0's, bit for bit; only the bytes on the wire change, and a payload's size now depends
 on its values (`variable_size`).
 
-The price is CPU: on the dev VM about 90 MB/s of packed codes to compress and 150 MB/s to
-decompress (zlib, which releases the GIL), against E3M0's own encode at about 130M values/s. Fewer
-bytes win where the link, not the CPU, is the bottleneck: a WAN, not loopback.
+The price is CPU: zlib's pass over the packed codes (it releases the GIL) on top of E3M0's own
+encode and decode. Fewer bytes win where the link, not the CPU, is the bottleneck: a WAN, not
+loopback (docs/benchmarks.md measures both).
 
 Received payloads are checked before anything is trusted: the coded values may take at most
 `nbytes(numel)` (deflate's worst case, for values that do not compress), must decode to exactly the
