@@ -40,16 +40,15 @@ def deflate_bound(n: int) -> int:
 
 
 class E3M0HuffmanCodec(E3M0Codec):
+    """Encodes as E3M0; the codes are Huffman-coded when a payload is first asked for its bytes
+    (`Encoded.pieces()`, `nbytes`), so that only what is sent is coded: the spans of a vector,
+    not the whole."""
+
     variable_size = True
 
     def __init__(self, block: int = 1024):
         super().__init__(block)
         self.name, self.codec_id = "e3m0-huffman", 6
-
-    def encode(self, x: torch.Tensor) -> Encoded:
-        enc = super().encode(x)
-        self.wire_values(enc)  # coded here, in the encoder's thread, not later on an event loop
-        return enc
 
     def wire_values(self, enc: Encoded):
         if not enc.wire_cache and not enc.values.numel():

@@ -156,11 +156,10 @@ class RoundBook:
                 parts = [(enc, 1.0) for enc, _ in parts]
             total = float(sum(w for _, w in parts))
             if isinstance(part.codec, CastCodec) and part.numel <= INLINE_REPLY_NUMEL:
-                head, mean = _reply(part.codec, parts, names, total)
+                head, mean, pieces = _reply(part.codec, parts, names, total)
             else:
-                head, mean = await asyncio.get_running_loop().run_in_executor(
+                head, mean, pieces = await asyncio.get_running_loop().run_in_executor(
                     None, _reply, part.codec, parts, names, total)
-            pieces = mean.pieces()
             rnd.reply = with_payload(head.SerializeToString(), REPLY_PAYLOAD, pieces)
             rnd.changed.notify_all()
         asyncio.get_running_loop().call_later(self.timeout, self.rounds.pop, group.key, None)
@@ -224,9 +223,11 @@ def _numel(part: torch.Tensor | Encoded) -> int:
 
 
 def _reply(codec, parts: list[tuple[torch.Tensor | Encoded, float]], names: list[str],
-           total: float) -> tuple[pb.ReduceReply, Encoded]:
-    """The owner's answer for all members: who took part, and the encoded weighted mean of the parts."""
-    return pb.ReduceReply(participants=names, total_weight=total), codec.encode(weighted_mean(parts))
+           total: float) -> tuple[pb.ReduceReply, Encoded, list]:
+    """The owner's answer for all members: who took part, and the encoded weighted mean of the
+    parts, with its payload's pieces (an entropy-coded mean is coded here, in the same thread)."""
+    mean = codec.encode(weighted_mean(parts))
+    return pb.ReduceReply(participants=names, total_weight=total), mean, mean.pieces()
 
 
 class Servicer(pb_grpc.AveragingServicer):
