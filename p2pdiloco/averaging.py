@@ -47,7 +47,8 @@ def span_bounds(numel: int, parts: int, align: int) -> list[tuple[int, int]]:
 
 def member_bytes(codec: Codec, numel: int, members: int, index: int) -> int:
     """Bytes member `index` of `members` sends to average `numel` values once: its encoded parts
-    of the others' spans (reduce-scatter) and M − 1 copies of its span's encoded mean (all-gather)."""
+    of the others' spans (reduce-scatter) and M − 1 copies of its span's encoded mean (all-gather).
+    Exact for codecs of a fixed size; for a `variable_size` codec, the most it can send."""
     spans = span_bounds(numel, members, codec.align)
     own = codec.nbytes(spans[index][1] - spans[index][0])
     others = sum(codec.nbytes(hi - lo) for i, (lo, hi) in enumerate(spans) if i != index)

@@ -74,12 +74,13 @@ def run_quality(preset: str, cfg: SimConfig, json_path: str, methods=METHODS, pr
     return result
 
 
-def round_bytes(name: str, cfg: SimConfig, method: dict) -> float:
+def round_bytes(name: str, cfg: SimConfig, method: dict) -> float | None:
     """Bytes a worker sends in one steady-state period of H steps: one sync of every fragment (or
-    H gradient all-reduces for data-parallel), from what the run's syncs cost on average."""
+    H gradient all-reduces for data-parallel), from what the run's syncs cost on average; None if
+    some fragment never synced."""
     if name == "data_parallel":
         return cfg.streaming.H * method["full_sync_bytes"]
-    return sum(f["bytes_per_sync"] for f in method["fragments"])
+    return method["full_sync_bytes"]
 
 
 def ratios(methods: dict, cfg: SimConfig) -> dict:
@@ -92,11 +93,13 @@ def ratios(methods: dict, cfg: SimConfig) -> dict:
             if m["bytes_sent_per_worker"]:
                 r["bytes_fewer_than_data_parallel"] = dp["bytes_sent_per_worker"] / m["bytes_sent_per_worker"]
                 # The same without the run's start and end (first syncs, final sync): one H period.
-                r["bytes_fewer_than_data_parallel_per_H_steps"] = (
-                    round_bytes("data_parallel", cfg, dp) / round_bytes(name, cfg, m))
+                ours, theirs = round_bytes(name, cfg, m), round_bytes("data_parallel", cfg, dp)
+                if ours and theirs:
+                    r["bytes_fewer_than_data_parallel_per_H_steps"] = theirs / ours
         if dl:
             r["eval_loss_vs_diloco"] = m["eval_loss"] / dl["eval_loss"]
-        r["peak_sync_vs_full_model_sync"] = m["peak_sync_bytes"] / m["full_sync_bytes"]
+        if m["full_sync_bytes"]:
+            r["peak_sync_vs_full_model_sync"] = m["peak_sync_bytes"] / m["full_sync_bytes"]
         out[name] = r
     return out
 

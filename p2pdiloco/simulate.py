@@ -154,7 +154,7 @@ def run_simulation(cfg: SimConfig, corpus: Corpus | None = None, progress: Progr
         # fragment's sync should be about 1/P of it): one gradient all-reduce, or one sync of every
         # fragment, as measured (an entropy-coded codec's sizes depend on the values).
         "full_sync_bytes": (_bytes_per_sync(workers, "grad") if cfg.streaming.mode == "data_parallel"
-                            else sum(_bytes_per_sync(workers, i) for i in range(len(workers[0].fragments)))),
+                            else _sum_or_none(_bytes_per_sync(workers, i) for i in range(len(workers[0].fragments)))),
         "fragments": [{"name": f.name, "numel": f.numel, "bytes_per_sync": _bytes_per_sync(workers, i)}
                       for i, f in enumerate(workers[0].fragments)],
         "wall_s": wall,
@@ -170,9 +170,14 @@ def _check_vocab(corpus: Corpus, vocab: int) -> None:
                              f"use a model with a larger vocab_size")
 
 
-def _bytes_per_sync(workers: list, what: int | str) -> float:
-    """The most one sync of `what` cost any worker, on average over the run (0 if it never synced)."""
-    return max((w.bytes_per_sync(what) or 0.0) for w in workers)
+def _bytes_per_sync(workers: list, what: int | str) -> float | None:
+    """The most one sync of `what` cost any worker, on average over the run; None if it never synced."""
+    return max((b for b in (w.bytes_per_sync(what) for w in workers) if b is not None), default=None)
+
+
+def _sum_or_none(values) -> float | None:
+    values = list(values)
+    return None if None in values else sum(values)
 
 
 def _jsonable(obj):

@@ -7,7 +7,6 @@ from hypothesis import given, settings, strategies as st
 
 from p2pdiloco.averaging import weighted_mean
 from p2pdiloco.codecs import HEADER_BYTES, CodecError, Encoded, from_bytes, get_codec
-from p2pdiloco.codecs.entropy import deflate_bound
 
 HUFF, E3M0 = get_codec("e3m0-huffman"), get_codec("e3m0")
 
@@ -46,7 +45,7 @@ def test_values_that_do_not_compress_stay_within_the_bound():
     noise = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     enc = Encoded(HUFF, n, torch.full((-(-n // HUFF.block),), 127, dtype=torch.uint8), noise)
     payload = enc.to_bytes()
-    assert len(payload) <= HUFF.nbytes(n) and deflate_bound(n // 2) > n // 2
+    assert len(payload) <= HUFF.nbytes(n)
     assert torch.equal(from_bytes(payload).values, noise)
 
 
@@ -69,9 +68,14 @@ def _payload(numel: int, scales: bytes, coded: bytes) -> bytes:
     return HUFF.encode(torch.zeros(numel)).header() + scales + coded
 
 
-def _deflate(data: bytes) -> bytes:
-    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+def _deflate(data: bytes, strategy: int = zlib.Z_DEFAULT_STRATEGY) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9, strategy)
     return packer.compress(data) + packer.flush()
+
+
+def _huffman(n: int) -> bytes:
+    """A Huffman-only stream of n random bytes of 2 bits each, as an honest sender codes them."""
+    return _deflate(bytes(torch.randint(0, 4, (n,), dtype=torch.uint8).tolist()), zlib.Z_HUFFMAN_ONLY)
 
 
 def test_untrustworthy_payloads_are_refused():
@@ -85,13 +89,19 @@ def test_untrustworthy_payloads_are_refused():
     corrupt[HEADER_BYTES + 4] ^= 0xFF
     with pytest.raises(CodecError):
         from_bytes(bytes(corrupt))
-    # A small payload that would expand far beyond 3000 values: decoding stops at 1500 bytes.
+    # A stream with LZ77 matches (which Huffman coding never writes) expands ~1000:1: refused before
+    # decoding, whatever element count its header claims.
     bomb = _deflate(bytes(1_000_000))
     assert len(bomb) < 1500
+    with pytest.raises(CodecError, match="at least"):
+        from_bytes(_payload(2_000_000, bytes(-(-2_000_000 // 1024)), bomb))
+    huge = HUFF.encode(torch.zeros(0)).header()[:4] + (2**32 - 1).to_bytes(4, "little")
+    with pytest.raises(CodecError, match="at least"):
+        from_bytes(huge + bytes(-(-(2**32 - 1) // 1024)) + _deflate(bytes(16 << 20)))
     with pytest.raises(CodecError, match="exactly"):
-        from_bytes(_payload(3000, bytes(3), bomb))
+        from_bytes(_payload(3000, bytes(3), _huffman(2000)))  # 500 bytes too many
     with pytest.raises(CodecError, match="exactly"):
-        from_bytes(_payload(3000, bytes(3), _deflate(bytes(1000))))  # too few values
+        from_bytes(_payload(3000, bytes(3), _huffman(1000)))  # 500 bytes too few
     with pytest.raises(CodecError, match="must be"):
         from_bytes(_payload(3000, bytes(2), b""))  # not even the scales
     with pytest.raises(CodecError, match="must be"):

@@ -127,11 +127,11 @@ def test_huffman_coded_e3m0_trains_the_same_model_for_fewer_bytes(text_file, sma
         assert p["bytes_per_sync"] == max(member_bytes(get_codec("e3m0"), p["numel"], cfg.workers, i)
                                           for i in range(cfg.workers))
         assert 0 < c["bytes_per_sync"] < p["bytes_per_sync"]
-    assert plain["full_sync_bytes"] == sum(f["bytes_per_sync"] for f in plain["fragments"])
     dp = run_simulation(replace(cfg, streaming=replace(cfg.streaming, mode="data_parallel")), small_corpus, progress=None)
+    assert all(f["bytes_per_sync"] is None for f in dp["fragments"])  # data-parallel syncs no fragment
     r = ratios({"data_parallel": dp, "plain": plain, "coded": coded}, cfg)
     per_h = {k: v["bytes_fewer_than_data_parallel_per_H_steps"] for k, v in r.items()}
-    assert per_h["data_parallel"] == 1.0 and per_h["plain"] < 4 * cfg.streaming.H < per_h["coded"]
+    assert per_h["plain"] < 4 * cfg.streaming.H < per_h["coded"]  # 4H: 4 bits with no scales or headers
 
 
 def test_all_workers_share_the_global_parameters(text_file, small_corpus):

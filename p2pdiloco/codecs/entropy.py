@@ -12,13 +12,16 @@ The price is CPU: zlib's pass over the packed codes (it releases the GIL) on top
 encode and decode. Fewer bytes win where the link, not the CPU, is the bottleneck: a WAN, not
 loopback (docs/benchmarks.md measures both).
 
-Received payloads are checked before anything is trusted: the coded values may take at most
-`nbytes(numel)` (deflate's worst case, for values that do not compress), must decode to exactly the
-packed length (decoding stops there, so a small payload cannot expand into a large allocation) and
-must end where the payload ends.
+Received payloads are checked before anything is trusted, the element count in their header
+included (it is the sender's word): the coded values must take at least an eighth of the packed
+length (Huffman coding spends at least a bit per byte; deflate's LZ77 matches, which an honest
+sender never uses, could expand 1000:1) and at most deflate's worst case for it, must decode to
+exactly the packed length (decoding stops there) and must end where the payload ends. So a payload
+decodes to at most 8× its own size, and messages are bounded by --max-message-mb.
 """
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import torch
@@ -73,15 +76,24 @@ class E3M0HuffmanCodec(E3M0Codec):
         if not nscale <= len(body) <= self.nbytes(numel) - HEADER_BYTES:
             raise CodecError(f"{self.name} payload of {numel} values must be {nscale} to "
                              f"{self.nbytes(numel) - HEADER_BYTES} bytes, got {len(body)}")
+        coded = body[nscale:]
+        if 8 * len(coded) < packed:
+            # Huffman coding spends at least a bit per byte, so no honest payload is shorter; a
+            # stream with LZ77 matches could be (1000:1), and its header's numel is the sender's word.
+            raise CodecError(f"{self.name} payload of {numel} values needs at least {packed // 8} bytes of "
+                             f"coded values, got {len(coded)}")
         scales = torch.frombuffer(bytearray(body[:nscale]), dtype=torch.uint8) if nscale else torch.empty(0, dtype=torch.uint8)
         unpacker = zlib.decompressobj(_RAW_DEFLATE)
         try:
-            raw = unpacker.decompress(body[nscale:], packed) if packed else b""
+            raw = unpacker.decompress(coded, packed) if packed else b""
         except zlib.error as exc:
             raise CodecError(f"{self.name} payload's coded values are corrupt: {exc}") from None
         if packed and (len(raw) != packed or not unpacker.eof or unpacker.unconsumed_tail or unpacker.unused_data):
             raise CodecError(f"{self.name} payload's coded values do not decode to exactly {packed} bytes")
         if not packed and len(body) != nscale:
             raise CodecError(f"{self.name} payload of 0 values must be empty, got {len(body)} bytes")
-        values = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if packed else torch.empty(0, dtype=torch.uint8)
-        return Encoded(self, numel, scales, values)
+        if not packed:
+            return Encoded(self, numel, scales, torch.empty(0, dtype=torch.uint8))
+        with warnings.catch_warnings():  # `raw` is read-only, held by nothing else, and never written to
+            warnings.simplefilter("ignore", UserWarning)
+            return Encoded(self, numel, scales, torch.frombuffer(raw, dtype=torch.uint8))
