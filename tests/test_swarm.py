@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from p2pdiloco import procfs
 from peers import TINY
 
 pytestmark = pytest.mark.timeout(300)
@@ -22,15 +23,12 @@ pytestmark = pytest.mark.timeout(300)
 def leftovers(peer) -> list[int]:
     """Processes still alive in a peer's session (its DHT process, its p2pd daemon)."""
     out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if os.getsid(int(pid)) == peer.proc.pid and int(pid) != peer.proc.pid:
-                    with open(f"/proc/{pid}/stat") as f:
-                        if f.read().split()[2] != "Z":
-                            out.append(int(pid))
-            except (ProcessLookupError, PermissionError, FileNotFoundError):
-                pass
+    for pid in procfs.pids():
+        try:
+            if os.getsid(pid) == peer.proc.pid and pid != peer.proc.pid and not procfs.is_zombie_or_gone(pid):
+                out.append(pid)
+        except (ProcessLookupError, PermissionError):
+            pass
     return out
 
 

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from p2pdiloco import procfs
 from p2pdiloco.wan import host
 from p2pdiloco.wan.links import BedConfig, LinkSpec, parse_delay_ms
 from p2pdiloco.wan.netns import NetnsBed
@@ -36,16 +37,8 @@ def gone(bed: NetnsBed, pids: list[int]) -> list[str]:
     ours = set(bed.host_ifs + bed.ns_ifs + [bed.bridge])
     left = [f"namespace {ns}" for ns in host.namespaces() if ns in bed.namespaces]
     left += [f"link {name}" for name in host.links() if name in ours]
-    left += [f"process {pid}" for pid in pids if os.path.exists(f"/proc/{pid}") and not _zombie(pid)]
+    left += [f"process {pid}" for pid in pids if not procfs.is_zombie_or_gone(pid)]
     return left + [f"process {pid} (group member)" for pid in host.live_members(set(pids))]
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_three_peers_in_namespaces_train_over_a_shaped_link_and_end_with_one_global_model(tmp_path, text_file):
@@ -154,4 +147,4 @@ def test_a_harness_killed_with_sigkill_leaves_what_the_next_bed_sweeps():
         removed = host.sweep_stale()  # here too when an assertion above failed: leave no bed behind
     assert set(names) <= set(removed)
     assert not set(names) & host.namespaces()
-    assert not [p for p in pids if os.path.exists(f"/proc/{p}") and not _zombie(p)]
+    assert not [p for p in pids if not procfs.is_zombie_or_gone(p)]

@@ -13,21 +13,14 @@ import signal
 import threading
 import time
 
+from .. import procfs
+
 POLL_S = 1.0
 GRACE_S = 2.0
 
 
 def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
+    return [child for child in procfs.pids() if (fields := procfs.stat_fields(child)) and int(fields[procfs.PPID]) == pid]
 
 
 def _signal_all(pids: list[int], sig: int) -> None:

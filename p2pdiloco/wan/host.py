@@ -15,6 +15,8 @@ import threading
 import time
 from functools import lru_cache
 
+from .. import procfs
+
 PREFIX = "p2w"  # every name a bed makes starts with it
 CMD_TIMEOUT_S = 10.0  # one `ip`/`tc` command
 STALE_NS = re.compile(r"^p2w-([0-9a-f]{6})-(\d+)-\d+$")  # p2w-<token>-<owner pid>-<peer>
@@ -136,16 +138,10 @@ def killpg(pgid: int, sig: int) -> None:
 def live_members(groups: set[int]) -> list[int]:
     """Live (not zombie) processes whose process group is one of `groups`."""
     out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) in groups:
-            out.append(int(pid))
+    for pid in procfs.pids():
+        fields = procfs.stat_fields(pid)
+        if fields and fields[procfs.STATE] != "Z" and int(fields[procfs.PGRP]) in groups:
+            out.append(pid)
     return out
 
 
@@ -164,23 +160,21 @@ class OtherLoad:
         self._thread.start()
 
     def _sample(self, count: bool = True) -> None:
-        tck = os.sysconf("SC_CLK_TCK")
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit() or int(pid) in self.exclude:
+        for pid in procfs.pids():
+            if pid in self.exclude:
                 continue
             try:
                 if os.readlink(f"/proc/{pid}/ns/net") != self._root_ns:
                     continue  # the bed's peers
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(pid) == 2 or int(fields[1]) == 2:
-                continue  # kernel threads: ksoftirqd moves the bed's own packets
-            cpu = (int(fields[11]) + int(fields[12])) / tck
+            fields = procfs.stat_fields(pid)
+            if fields is None or pid == 2 or int(fields[procfs.PPID]) == 2:
+                continue  # gone, or a kernel thread: ksoftirqd moves the bed's own packets
+            cpu = procfs.cpu_seconds(fields)
             if count:
-                self.cpu_s += cpu - self._seen.get(int(pid), 0.0)  # a process new since the last sample: all of it
-            self._seen[int(pid)] = cpu
+                self.cpu_s += cpu - self._seen.get(pid, 0.0)  # a process new since the last sample: all of it
+            self._seen[pid] = cpu
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 
+from .. import procfs
 from .host import (PREFIX, BedError, kill_namespace, killpg, links, live_members, namespaces, netem_available, run,
                    sweep_stale, unavailable_reason)
 from .links import QUEUE_S, BedConfig
@@ -164,12 +165,8 @@ class NetnsBed:
         """CPU seconds the userspace switch has used so far (0 with netem): its share of the machine."""
         if self.wire is None or self.wire.poll() is not None:
             return 0.0
-        try:
-            with open(f"/proc/{self.wire.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return 0.0
+        fields = procfs.stat_fields(self.wire.pid)
+        return procfs.cpu_seconds(fields) if fields else 0.0
 
     # ---- teardown
     def close(self, raise_errors: bool = True) -> None:
