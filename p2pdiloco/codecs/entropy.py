@@ -42,6 +42,11 @@ def deflate_bound(n: int) -> int:
     return n + (n >> 5) + (n >> 7) + 64
 
 
+def _huffman_code(values: torch.Tensor) -> bytes:
+    packer = zlib.compressobj(1, zlib.DEFLATED, _RAW_DEFLATE, 9, zlib.Z_HUFFMAN_ONLY)
+    return packer.compress(memoryview(values.contiguous().numpy())) + packer.flush()
+
+
 class E3M0HuffmanCodec(E3M0Codec):
     """Encodes as E3M0; the codes are Huffman-coded when a payload is first asked for its bytes
     (`Encoded.pieces()`, `nbytes`), so that only what is sent is coded: the spans of a vector,
@@ -54,12 +59,8 @@ class E3M0HuffmanCodec(E3M0Codec):
         self.name, self.codec_id = "e3m0-huffman", 6
 
     def wire_values(self, enc: Encoded):
-        if not enc.wire_cache and not enc.values.numel():
-            enc.wire_cache.append(b"")
-        elif not enc.wire_cache:
-            packer = zlib.compressobj(1, zlib.DEFLATED, _RAW_DEFLATE, 9, zlib.Z_HUFFMAN_ONLY)
-            values = memoryview(enc.values.contiguous().numpy())
-            enc.wire_cache.append(packer.compress(values) + packer.flush())
+        if not enc.wire_cache:
+            enc.wire_cache.append(_huffman_code(enc.values) if enc.values.numel() else b"")
         return enc.wire_cache[0]
 
     def wire_values_nbytes(self, enc: Encoded) -> int:
@@ -73,6 +74,10 @@ class E3M0HuffmanCodec(E3M0Codec):
         """As E3M0's; the tensors never view `payload` (the values are decoded into a buffer of their own)."""
         nscale, packed = -(-numel // self.block), _packed_bytes(numel)
         body = memoryview(payload)
+        if not numel:
+            if len(body):
+                raise CodecError(f"{self.name} payload of 0 values must be empty, got {len(body)} bytes")
+            return Encoded(self, 0, torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8))
         if not nscale <= len(body) <= self.nbytes(numel) - HEADER_BYTES:
             raise CodecError(f"{self.name} payload of {numel} values must be {nscale} to "
                              f"{self.nbytes(numel) - HEADER_BYTES} bytes, got {len(body)}")
@@ -82,18 +87,14 @@ class E3M0HuffmanCodec(E3M0Codec):
             # stream with LZ77 matches could be (1000:1), and its header's numel is the sender's word.
             raise CodecError(f"{self.name} payload of {numel} values needs at least {packed // 8} bytes of "
                              f"coded values, got {len(coded)}")
-        scales = torch.frombuffer(bytearray(body[:nscale]), dtype=torch.uint8) if nscale else torch.empty(0, dtype=torch.uint8)
         unpacker = zlib.decompressobj(_RAW_DEFLATE)
         try:
-            raw = unpacker.decompress(coded, packed) if packed else b""
+            raw = unpacker.decompress(coded, packed)
         except zlib.error as exc:
             raise CodecError(f"{self.name} payload's coded values are corrupt: {exc}") from None
-        if packed and (len(raw) != packed or not unpacker.eof or unpacker.unconsumed_tail or unpacker.unused_data):
+        if len(raw) != packed or not unpacker.eof or unpacker.unconsumed_tail or unpacker.unused_data:
             raise CodecError(f"{self.name} payload's coded values do not decode to exactly {packed} bytes")
-        if not packed and len(body) != nscale:
-            raise CodecError(f"{self.name} payload of 0 values must be empty, got {len(body)} bytes")
-        if not packed:
-            return Encoded(self, numel, scales, torch.empty(0, dtype=torch.uint8))
+        scales = torch.frombuffer(bytearray(body[:nscale]), dtype=torch.uint8)
         with warnings.catch_warnings():  # `raw` is read-only, held by nothing else, and never written to
             warnings.simplefilter("ignore", UserWarning)
             return Encoded(self, numel, scales, torch.frombuffer(raw, dtype=torch.uint8))
