@@ -55,23 +55,25 @@ def member_bytes(codec: Codec, numel: int, members: int, index: int) -> int:
     return others + own * (members - 1)
 
 
-def weighted_mean(parts: list[tuple[Encoded | torch.Tensor, float]]) -> torch.Tensor:
+def weighted_mean(parts: list[tuple[Encoded | torch.Tensor, float]], out: torch.Tensor | None = None) -> torch.Tensor:
     """The owner's reduction: decode each part to fp32 (unless it already is) and accumulate
-    weighted by tokens, in the parts' order. Parts all encoded by a codec with a `weighted_sum`
-    (E3M0) are accumulated without decoding each, with the same result bit for bit."""
+    weighted by tokens, in the parts' order (into `out`, an fp32 buffer of the parts' size, if
+    given). Parts all encoded by a codec with a `weighted_sum` (E3M0) are accumulated without
+    decoding each, with the same result bit for bit."""
     total = sum(w for _, w in parts)
     if total <= 0:
         raise ValueError("weighted mean needs a positive total weight")
     codecs = {enc.codec for enc, _ in parts if isinstance(enc, Encoded)}
     if len(codecs) == 1 and all(isinstance(enc, Encoded) for enc, _ in parts):
         fused = getattr(next(iter(codecs)), "weighted_sum", None)
-        acc = fused([(enc, w / total) for enc, w in parts]) if fused is not None else None
+        acc = fused([(enc, w / total) for enc, w in parts], out) if fused is not None else None
         if acc is not None:
             return acc
     acc = None
     for enc, w in parts:
         x = enc.decode() if isinstance(enc, Encoded) else enc
-        acc = torch.zeros(x.numel(), dtype=torch.float32) if acc is None else acc
+        if acc is None:  # 0 + w·x, not w·x: a part's -0.0 gives +0.0, as in every other sum
+            acc = torch.zeros(x.numel(), dtype=torch.float32) if out is None else out.zero_()
         acc.add_(x, alpha=w / total)
     return acc
 

@@ -11,13 +11,17 @@ Every method runs in its own set of N spawned processes over loopback (127.0.0.1
 
 Each peer holds a different random vector (seeded by rank) and checks the result against the true
 mean. "seconds" is the median over repeats (after one warm-up average) of the slowest peer's wall time
-for one average, measured in each process between a common barrier and its result.
+for one average, measured in each process between a common barrier and its result;
+"cpu_seconds_all_peers" the median of the CPU time all peers' processes spent on one average, and
+"page_faults_per_peer" of the most minor page faults one peer took in it (memory the kernel had to
+map and zero: a buffer that should have been reused).
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
 import queue
+import resource
 import signal
 import statistics
 import subprocess
@@ -153,6 +157,10 @@ def _hivemind(rank, peers, x, rendezvous, timeout):
             dht.shutdown()
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _worker(method, rank, peers, numel, repeats, timeout, up, down, barrier, store_path):
     os.setpgid(0, 0)  # the parent kills this process group (hivemind's children included) if it must
     torch.set_num_threads(1)
@@ -170,23 +178,25 @@ def _worker(method, rank, peers, numel, repeats, timeout, up, down, barrier, sto
             runner = _gloo(rank, peers, x, rendezvous, timeout, store_path)
         else:
             runner = _hivemind(rank, peers, x, rendezvous, timeout)
-        seconds, sent, abs_err, rel_err = [], 0, 0.0, 0.0
+        seconds, cpu, faults, sent, abs_err, rel_err = [], [], [], 0, 0.0, 0.0
         with runner as (reset, average):
             for r in range(repeats + 1):  # round 0 is the warm-up
                 if reset:
                     reset()
                 barrier.wait(timeout)
-                t0 = time.perf_counter()
+                t0, c0, f0 = time.perf_counter(), time.process_time(), _minor_faults()
                 mean, nbytes = average(r)
-                dt = time.perf_counter() - t0
+                dt, dc, df = time.perf_counter() - t0, time.process_time() - c0, _minor_faults() - f0
                 diff = mean.double() - true
                 abs_err = max(abs_err, diff.abs().max().item())
                 rel_err = max(rel_err, (diff.norm() / true.norm()).item())
                 if r:
                     seconds.append(dt)
+                    cpu.append(dc)
+                    faults.append(df)
                     sent = max(sent, nbytes)
             barrier.wait(timeout)  # nobody stops serving while another still needs it
-            up.put(("result", rank, {"seconds": seconds, "bytes": sent, "abs_err": abs_err, "rel_err": rel_err}))
+            up.put(("result", rank, {"seconds": seconds, "cpu": cpu, "faults": faults, "bytes": sent, "abs_err": abs_err, "rel_err": rel_err}))
     except BaseException:
         up.put(("error", rank, traceback.format_exc()))
 
@@ -250,7 +260,12 @@ def run_method(method, peers, numel, repeats, timeout, progress) -> dict:
                 q.cancel_join_thread()
                 q.close()
     per_round = [max(r["seconds"][i] for r in results.values()) for i in range(repeats)]
+    cpu_per_round = [sum(r["cpu"][i] for r in results.values()) for i in range(repeats)]
     return {"seconds": statistics.median(per_round), "bytes_sent_per_peer": max(r["bytes"] for r in results.values()),
+            # CPU of the peers' own processes (hivemind's averager runs in a child: not counted).
+            "cpu_seconds_all_peers": None if method == "hivemind" else statistics.median(cpu_per_round),
+            "page_faults_per_peer": None if method == "hivemind" else statistics.median(
+                max(r["faults"][i] for r in results.values()) for i in range(repeats)),
             "all_seconds": per_round, "max_abs_error": max(r["abs_err"] for r in results.values()),
             "max_rel_error": max(r["rel_err"] for r in results.values())}
 
@@ -325,13 +340,14 @@ def cli(args) -> int:
         print(f"p2pdiloco: error: {exc}", file=sys.stderr)
         return 2
     base = (result["methods"].get("gloo") or {}).get("seconds")
-    print(f"{'method':19s} {'seconds':>9s} {'vs gloo':>8s} {'bytes/peer':>14s} {'max err':>9s} {'rel err':>8s}")
+    print(f"{'method':19s} {'seconds':>9s} {'vs gloo':>8s} {'cpu s':>7s} {'bytes/peer':>14s} {'max err':>9s} {'rel err':>8s}")
     for name, m in result["methods"].items():
         if m["seconds"] is None:
             print(f"{name:19s} FAILED: {m['error'].splitlines()[-1]}")
             continue
         ratio = f"{m['seconds'] / base:8.2f}" if base else f"{'-':>8s}"
-        print(f"{name:19s} {m['seconds']:9.3f} {ratio} {m['bytes_sent_per_peer']:14,d} {m['max_abs_error']:9.2e} "
+        cpu = f"{m['cpu_seconds_all_peers']:7.3f}" if m.get("cpu_seconds_all_peers") is not None else f"{'-':>7s}"
+        print(f"{name:19s} {m['seconds']:9.3f} {ratio} {cpu} {m['bytes_sent_per_peer']:14,d} {m['max_abs_error']:9.2e} "
               f"{m['max_rel_error']:8.4f}" + (f"  CHECK FAILED: {m['error']}" if m["error"] else ""))
     print(f"{result['peers']} peers, {result['numel']:,} values, median of {result['repeats']}; "
           f"{result['wall_s']:.1f}s; results in {args.json}")

@@ -122,6 +122,29 @@ def test_peers_average_over_their_bulk_ports(planes):
     assert all(p.servers.bulk.buffers.kept for p in (a, b, c))  # while the owners' parts did
 
 
+@pytest.mark.parametrize("codec", ["fp32", "e3m0"])
+def test_an_answered_round_lets_go_of_its_parts_and_reply_and_the_next_reuses_the_memory(planes, codec):
+    """Once an owner has answered every member, its round keeps only who took part: the parts'
+    receive buffers and the owner's sum go back to be reused by the next average, instead of each
+    average reading into fresh memory whose pages the kernel must zero (bench allreduce: 0.42 s
+    against 0.12 s when they were kept)."""
+    peers = [planes(n, codec=codec) for n in ("a", "b", "c")]
+    declared = {p.identity.peer_id: address("127.0.0.1", p.port, p.bulk_port) for p in peers}
+    for r in (1, 2, 3):  # round numbers of one size: the requests are too (a buffer fits one size)
+        xs = [torch.randn(60_000) for _ in peers]
+        results = [f.result(30) for f in [p.average(declared, x, r=r) for p, x in zip(peers, xs)]]
+        sim = InProcessAverager(list(declared))
+        want = [sim.member(n).submit(SyncKey("fragment", 0, r), get_codec(codec).encode(x), 1.0)
+                for n, x in zip(declared, xs)]
+        assert all(torch.equal(res.mean, w.result(1).mean) for res, w in zip(results, want))
+        for p in peers:
+            rnd = p.book.rounds[SyncKey("fragment", 0, r)]  # kept until reduce_timeout_s after the answer
+            assert wait_until(lambda: rnd.reply is None) and set(rnd.parts) == {"a", "b", "c"}
+            assert all(v is None for v in rnd.parts.values())
+    for p in peers:  # three averages, one buffer of each kind: each average reused the one before's
+        assert len(p.book.means.kept) == 1 and len(p.servers.bulk.buffers.kept) == 2
+
+
 @pytest.mark.parametrize("codec", ["fp32", "bf16"])
 @pytest.mark.parametrize("weights", [(3.0, 1.0, 2.0), (0.0, 0.0, 0.0)])
 def test_owners_weigh_parts_by_tokens(planes, codec, weights):

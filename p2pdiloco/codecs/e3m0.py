@@ -212,7 +212,7 @@ class E3M0Codec(Codec):
             return idx
         return index
 
-    def weighted_sum(self, parts: list[tuple[Encoded, float]]) -> torch.Tensor | None:
+    def weighted_sum(self, parts: list[tuple[Encoded, float]], out: torch.Tensor | None = None) -> torch.Tensor | None:
         """Σ alpha_i · decode(enc_i) in fp32, bit for bit what `acc = zeros(n); acc.add_(decode(enc_i),
         alpha=alpha_i)` in order gives, without decoding the parts: each byte looks up its two values
         already times alpha_i in a table, chunk by chunk, so the accumulator's chunk stays in cache.
@@ -223,7 +223,8 @@ class E3M0Codec(Codec):
         underflows (checked per block), and then acc + alpha·x is one rounding whether add_ fuses
         the multiply (its vectorized path) or not. The table holds 0 + alpha·x as add_ computes it
         (+0.0 for −0.0), which is acc's first value; acc never holds −0.0, so +0.0 and −0.0 add alike.
-        Parts with alpha 0 (in fp32) add +0.0 or −0.0 and are skipped."""
+        Parts with alpha 0 (in fp32) add +0.0 or −0.0 and are skipped. The sum is written into `out`
+        (fp32, n values) if given."""
         if self.block % 2 or not parts:
             return None
         n = parts[0][0].numel
@@ -240,7 +241,9 @@ class E3M0Codec(Codec):
                 return None
             table = torch.zeros(2 * _SCALED_PAIRS_ROWS).add_(_scaled_pairs().view(torch.float32), alpha=alpha)
             live.append((self._pair_index(enc), table.view(torch.int64)))
-        acc = torch.zeros(n) if not live else torch.empty(n)
+        acc = torch.empty(n) if out is None else out
+        if not live:
+            acc.zero_()
         tmp = torch.empty(self._step())
         for lo in range(0, n if live else 0, self._step()):
             hi = min(lo + self._step(), n)

@@ -34,7 +34,7 @@ from .gen import p2pdiloco_pb2 as pb
 from .gen import p2pdiloco_pb2_grpc as pb_grpc
 from . import reachability
 from .matchmaking import Group
-from .bulk import BulkError
+from .bulk import BulkError, Buffers
 from .channels import Channels
 from .records import PROTOCOL_VERSION
 from .wire import (REPLY_PAYLOAD, SERVICE, InPlace, check_in_place, parse_payload, split_request,
@@ -99,21 +99,32 @@ class _Round:
     # Parts are kept decoded (fp32), each decoded once when it is checked on arrival; those of a codec
     # that cannot decode to non-finite values (E3M0) are kept encoded, and weighted_mean accumulates
     # them without decoding each.
-    parts: dict[str, tuple[torch.Tensor | Encoded, float]] = field(default_factory=dict)
+    # Once the reply is made only the names are kept (values None): a part held until the round is
+    # dropped, `reduce_timeout_s` later, would keep its receive buffer from the bulk port's reuse,
+    # and the next round would read into fresh memory, the kernel zeroing every page (bench allreduce).
+    parts: dict[str, tuple[torch.Tensor | Encoded, float] | None] = field(default_factory=dict)
     # Parts that came before the owner opened the round: (group id, part, weight).
     early: dict[str, tuple[bytes, torch.Tensor | Encoded, float]] = field(default_factory=dict)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     # The ReduceReply, the same for every member, serialized as buffers to write one after the
-    # other (the bulk port does), and joined once if a transport needs one `bytes`.
+    # other (the bulk port does), and joined once if a transport needs one `bytes`. Dropped once
+    # every member whose part it holds has been answered, which frees the mean for reuse.
     reply: list | None = None
     joined: bytes | None = None
+    done: bool = False  # the reply was made (it may have been dropped since)
+    answered: set[str] = field(default_factory=set)
     aborted: bool = False  # the owner's own average failed: every member's must fail too
     created: float = field(default_factory=time.monotonic)
 
-    def reply_bytes(self) -> bytes:
-        if self.joined is None:
+    def answer(self, sender: str, owner: str, joined: bool) -> list | bytes:
+        """The reply for `sender` (joined into one `bytes`, or as buffers)."""
+        if joined and self.joined is None:
             self.joined = b"".join(self.reply)
-        return self.joined
+        reply = self.joined if joined else self.reply
+        self.answered.add(sender)
+        if self.answered >= set(self.parts) - {owner}:
+            self.reply = self.joined = None
+        return reply
 
 
 class RoundBook:
@@ -123,6 +134,10 @@ class RoundBook:
     def __init__(self, identity: Identity, reduce_timeout_s: float):
         self.identity, self.timeout = identity, reduce_timeout_s
         self.rounds: dict[SyncKey, _Round] = {}
+        # The fp32 sums of my spans, reused once nothing holds them (an fp32 mean is sent as it is;
+        # other codecs' are encoded from it): a fresh 10 MB one costs ~2,500 page faults, the kernel
+        # zeroing each page, more CPU than the sum itself. Taken on the loop (Buffers is not thread-safe).
+        self.means = Buffers()
 
     def _gc(self) -> None:  # rounds whose owner never came (it left, or is far behind)
         for k in [k for k, r in self.rounds.items() if time.monotonic() - r.created > 4 * self.timeout]:
@@ -155,12 +170,14 @@ class RoundBook:
             if sum(w for _, w in parts) <= 0:  # nobody trained since the last round: plain mean
                 parts = [(enc, 1.0) for enc, _ in parts]
             total = float(sum(w for _, w in parts))
+            out = torch.frombuffer(self.means.get(part.numel * 4), dtype=torch.float32) if part.numel else None
             if isinstance(part.codec, CastCodec) and part.numel <= INLINE_REPLY_NUMEL:
-                head, mean, pieces = _reply(part.codec, parts, names, total)
+                head, mean, pieces = _reply(part.codec, parts, names, total, out)
             else:
                 head, mean, pieces = await asyncio.get_running_loop().run_in_executor(
-                    None, _reply, part.codec, parts, names, total)
-            rnd.reply = with_payload(head.SerializeToString(), REPLY_PAYLOAD, pieces)
+                    None, _reply, part.codec, parts, names, total, out)
+            rnd.reply, rnd.done = with_payload(head.SerializeToString(), REPLY_PAYLOAD, pieces), True
+            rnd.parts = dict.fromkeys(rnd.parts)
             rnd.changed.notify_all()
         asyncio.get_running_loop().call_later(self.timeout, self.rounds.pop, group.key, None)
         return head, mean, sum(len(p) for p in pieces) * (len(names) - 1)
@@ -171,13 +188,13 @@ class RoundBook:
         rnd = self.rounds.get(key)
         if rnd is not None:
             async with rnd.changed:
-                if rnd.reply is None:
+                if not rnd.done:
                     rnd.aborted = True
                 rnd.changed.notify_all()
 
-    async def receive(self, request: pb.ReduceRequest, payload=None) -> _Round:
-        """One member's part of my span (`payload`, or the request's own): the round, once its
-        reply is ready."""
+    async def receive(self, request: pb.ReduceRequest, payload=None, joined: bool = False) -> list | bytes:
+        """One member's part of my span (`payload`, or the request's own): the reply, once it is
+        ready (as buffers, or joined into one `bytes`)."""
         self.identity.check(request.caller)
         key = SyncKey(request.kind, request.index, request.round)
         sender = request.caller.peer_id
@@ -194,7 +211,7 @@ class RoundBook:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "payload holds non-finite values")
         rnd = self.rounds.setdefault(key, _Round())
         async with rnd.changed:
-            if rnd.reply is not None:
+            if rnd.done:
                 raise Refused(grpc.StatusCode.ABORTED, f"{key} is already averaged; this part came too late")
             if rnd.group_id is None:  # the owner has not reached this round yet: hold the part
                 rnd.early[sender] = (request.group_id, values, request.weight)
@@ -204,13 +221,15 @@ class RoundBook:
                 rnd.parts[sender] = (values, request.weight)
                 rnd.changed.notify_all()
             # The caller's deadline bounds this wait: gRPC cancels the handler when it passes.
-            await rnd.changed.wait_for(lambda: rnd.reply is not None or rnd.aborted or
+            await rnd.changed.wait_for(lambda: rnd.done or rnd.aborted or
                                        (rnd.group_id is not None and sender not in rnd.parts))
             if rnd.aborted:
                 raise Refused(grpc.StatusCode.ABORTED, f"the owner's own average of {key} failed")
-            if rnd.reply is None or sender not in rnd.parts:
+            if not rnd.done or sender not in rnd.parts:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"{sender}'s part does not fit my group for {key}")
-            return rnd
+            if rnd.reply is None or sender in rnd.answered:
+                raise Refused(grpc.StatusCode.ABORTED, f"{sender} sent a second part for {key}; it was answered once")
+            return rnd.answer(sender, self.identity.peer_id, joined)
 
 
 def _kept(enc: Encoded) -> torch.Tensor | Encoded:
@@ -223,10 +242,11 @@ def _numel(part: torch.Tensor | Encoded) -> int:
 
 
 def _reply(codec, parts: list[tuple[torch.Tensor | Encoded, float]], names: list[str],
-           total: float) -> tuple[pb.ReduceReply, Encoded, list]:
+           total: float, out: torch.Tensor | None = None) -> tuple[pb.ReduceReply, Encoded, list]:
     """The owner's answer for all members: who took part, and the encoded weighted mean of the
-    parts, with its payload's pieces (an entropy-coded mean is coded here, in the same thread)."""
-    mean = codec.encode(weighted_mean(parts))
+    parts (accumulated in `out` if given), with its payload's pieces (an entropy-coded mean is
+    coded here, in the same thread)."""
+    mean = codec.encode(weighted_mean(parts, out))
     return pb.ReduceReply(participants=names, total_weight=total), mean, mean.pieces()
 
 
@@ -236,7 +256,7 @@ class Servicer(pb_grpc.AveragingServicer):
 
     async def reduce(self, request: pb.ReduceRequest, payload, context) -> bytes | None:
         try:
-            return (await self.book.receive(request, payload)).reply_bytes()
+            return await self.book.receive(request, payload, joined=True)
         except Refused as exc:
             log.warning("refused a part from %s: %s", request.caller.peer_id or "?", exc)
             await context.abort(exc.code, str(exc))
@@ -253,7 +273,7 @@ class Servicer(pb_grpc.AveragingServicer):
         (as buffers to write one after the other)."""
         request, payload = split_request(data)
         try:
-            return (await self.book.receive(request, payload)).reply
+            return await self.book.receive(request, payload)
         except Refused as exc:
             log.warning("refused a part from %s: %s", request.caller.peer_id or "?", exc)
             raise BulkError(exc.code, str(exc)) from None
