@@ -137,7 +137,7 @@ class RoundBook:
         # The fp32 sums of my spans, reused once nothing holds them (an fp32 mean is sent as it is;
         # other codecs' are encoded from it): a fresh 10 MB one costs ~2,500 page faults, the kernel
         # zeroing each page, more CPU than the sum itself. Taken on the loop (Buffers is not thread-safe).
-        self.means = Buffers()
+        self.means = Buffers(keep=8)
 
     def _gc(self) -> None:  # rounds whose owner never came (it left, or is far behind)
         for k in [k for k, r in self.rounds.items() if time.monotonic() - r.created > 4 * self.timeout]:

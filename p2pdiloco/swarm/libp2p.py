@@ -9,6 +9,7 @@ transports and calls each peer on the one it announced.
 from __future__ import annotations
 
 import asyncio
+from contextlib import contextmanager
 
 import grpc
 
@@ -23,6 +24,20 @@ class LibP2PError(RuntimeError):
 
     def details(self) -> str:  # the same accessor as grpc's errors, for uniform logging
         return str(self)
+
+
+@contextmanager
+def _as_libp2p_errors(late: str):
+    """A call's failures as LibP2PError (a timeout as DEADLINE_EXCEEDED: `late`), as gRPC's stub
+    raises its own errors; the end of a stream passes through."""
+    try:
+        yield
+    except (LibP2PError, StopAsyncIteration):
+        raise
+    except asyncio.TimeoutError:
+        raise LibP2PError(f"DEADLINE_EXCEEDED: {late}") from None
+    except Exception as exc:
+        raise LibP2PError(str(exc)) from None
 
 
 class _Context:
@@ -70,26 +85,16 @@ class LibP2PStub:
                 return reply
             raise LibP2PError("UNAVAILABLE: the peer closed the stream without a reply")
 
-        try:
+        with _as_libp2p_errors(f"no answer within {timeout:.0f}s"):
             return await asyncio.wait_for(one_reply(), timeout)
-        except asyncio.TimeoutError:
-            raise LibP2PError(f"DEADLINE_EXCEEDED: no answer within {timeout:.0f}s") from None
-        except LibP2PError:
-            raise
-        except Exception as exc:
-            raise LibP2PError(str(exc)) from None
 
     async def Probe(self, request: pb.ProbeRequest, timeout: float) -> pb.ProbeReply:
         return await self._call("Probe", request, pb.ProbeReply, timeout)
 
     async def _call(self, method: str, request, reply_type, timeout: float):
-        try:
+        with _as_libp2p_errors(f"no answer within {timeout:.0f}s"):
             return await asyncio.wait_for(
                 self.p2p.call_protobuf_handler(self.peer, PREFIX + method, request, reply_type), timeout)
-        except asyncio.TimeoutError:
-            raise LibP2PError(f"DEADLINE_EXCEEDED: no answer within {timeout:.0f}s") from None
-        except Exception as exc:
-            raise LibP2PError(str(exc)) from None
 
     def DownloadState(self, request: pb.StateRequest, timeout: float) -> "_Stream":
         return _Stream(self, request, timeout)
@@ -105,17 +110,11 @@ class _Stream:
 
     async def __anext__(self) -> pb.StateChunk:
         left = self.deadline - asyncio.get_running_loop().time()
-        try:
+        with _as_libp2p_errors("the state download took too long"):
             if self._iter is None:
                 self._iter = await asyncio.wait_for(self.stub.p2p.iterate_protobuf_handler(
                     self.stub.peer, PREFIX + "DownloadState", self.request, pb.StateChunk), left)
             return await asyncio.wait_for(self._iter.__anext__(), max(left, 0.01))
-        except StopAsyncIteration:
-            raise
-        except asyncio.TimeoutError:
-            raise LibP2PError("DEADLINE_EXCEEDED: the state download took too long") from None
-        except Exception as exc:
-            raise LibP2PError(str(exc)) from None
 
     def cancel(self) -> None:
         pass  # the handler's stream closes with the connection's read side

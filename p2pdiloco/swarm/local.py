@@ -20,23 +20,30 @@ from pathlib import Path
 JOIN = re.compile(r"join with: .*--initial-peers (\S+)")
 
 
-class _Proc:
-    def __init__(self, name: str, argv: list[str], workdir: Path, echo):
+class PeerProcess:
+    """One `p2pdiloco peer` child process: its output goes to `peer.log` in its folder (line by line,
+    readable while it runs), and its `[peer]` lines, warnings and errors are relayed to `echo`.
+    `spawn(argv, **popen_options)` starts it (a plain Popen in a new session by default; the WAN
+    test bed starts it in a network namespace)."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path, echo, spawn=None):
         workdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         self.name, self.lines, self.echo, self.workdir = name, [], echo, workdir
-        self.proc = subprocess.Popen([sys.executable, "-m", "p2pdiloco.cli", "peer", *argv], cwd=workdir, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
-        threading.Thread(target=self._read, daemon=True).start()
+        spawn = spawn or (lambda cmd, **kw: subprocess.Popen(cmd, start_new_session=True, **kw))
+        self.proc = spawn([sys.executable, "-m", "p2pdiloco.cli", "peer", *argv], cwd=workdir, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
-        with open(self.workdir / "peer.log", "w") as log:
+        with open(self.workdir / "peer.log", "w", buffering=1) as log:
             for line in self.proc.stdout:
                 log.write(line)
-                self.lines.append(line.rstrip())
-                if line.startswith("[peer]") or "WARN" in line or "error" in line.lower():
-                    self.echo(f"{self.name}: {line.rstrip()}")
+                line = line.rstrip()
+                self.lines.append(line)
+                if line.startswith("[peer]") or "WARN" in line or "error" in line.lower() or "Traceback" in line:
+                    self.echo(f"{self.name}: {line}")
 
     def join_address(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -45,10 +52,22 @@ class _Proc:
                 m = JOIN.search(line)
                 if m:
                     return m.group(1)
-            if self.proc.poll() is not None:
+            if self.proc.poll() is not None and not self._reader.is_alive():
                 break
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} printed no join line within {timeout:.0f}s (see {self.workdir / 'peer.log'})")
+
+    def summary(self) -> dict | None:
+        """The peer's `--json summary.json`, once it has exited 0."""
+        path = self.workdir / "summary.json"
+        return json.loads(path.read_text()) if self.proc.returncode == 0 and path.exists() else None
+
+    def read_to_end(self, timeout_s: float = 5.0) -> None:
+        """Once the peer has exited: wait for its last lines to be read."""
+        self._reader.join(timeout_s)
+
+    def tail(self, n: int = 20) -> str:
+        return "\n".join(self.lines[-n:])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -65,14 +84,14 @@ class _Proc:
 
 
 def run_local_swarm(peers: int, peer_args: list[str], workdir: Path, timeout_s: float, echo=print) -> dict:
-    procs: list[_Proc] = []
+    procs: list[PeerProcess] = []
     start = time.monotonic()
     try:
         args = [*peer_args, "--wait-for-peers", str(peers), "--json", "summary.json", "--run-id", "local"]
-        procs.append(_Proc("peer0", args, workdir / "peer0", echo))
+        procs.append(PeerProcess("peer0", args, workdir / "peer0", echo))
         address = procs[0].join_address(timeout=120)
         for i in range(1, peers):
-            procs.append(_Proc(f"peer{i}", [*args, "--initial-peers", address], workdir / f"peer{i}", echo))
+            procs.append(PeerProcess(f"peer{i}", [*args, "--initial-peers", address], workdir / f"peer{i}", echo))
         for p in procs:
             left = max(1.0, timeout_s - (time.monotonic() - start))
             try:
@@ -84,10 +103,10 @@ def run_local_swarm(peers: int, peer_args: list[str], workdir: Path, timeout_s: 
             p.stop()
     summaries = []
     for p in procs:
-        path = p.workdir / "summary.json"
-        if p.proc.returncode != 0 or not path.exists():
+        summary = p.summary()
+        if summary is None:
             raise RuntimeError(f"{p.name} failed (exit {p.proc.returncode}); its log: {p.workdir / 'peer.log'}")
-        summaries.append(json.loads(path.read_text()))
+        summaries.append(summary)
     return {"peers": summaries, "wall_s": time.monotonic() - start}
 
 

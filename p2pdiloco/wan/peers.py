@@ -6,74 +6,36 @@ holds what the bench reads, the matchmaking time of every average included.
 """
 from __future__ import annotations
 
-import json
-import os
 import select
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from ..swarm.local import JOIN
+from ..swarm.local import PeerProcess
 from .netns import NetnsBed
 
 
-class BedPeer:
-    def __init__(self, bed: NetnsBed, i: int, args: list[str], workdir: Path, echo):
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.name, self.workdir, self.echo = f"p{i}", workdir, echo
-        self.lines: list[str] = []
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        self.proc = bed.spawn(i, [sys.executable, "-m", "p2pdiloco.cli", "peer", *args], cwd=workdir, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        with open(self.workdir / "peer.log", "w", buffering=1) as log:  # line by line: readable while it runs
-            for line in self.proc.stdout:
-                log.write(line)
-                line = line.rstrip()
-                self.lines.append(line)
-                if line.startswith("[peer]") or " ERROR " in line or "Traceback" in line:
-                    self.echo(f"  {self.name} {line}")
-
-    def join_address(self, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                m = JOIN.search(line)
-                if m:
-                    return m.group(1)
-            if self.proc.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} printed no join line within {timeout_s:.0f}s; its log: {self.workdir / 'peer.log'}")
-
-    def summary(self) -> dict | None:
-        path = self.workdir / "summary.json"
-        return json.loads(path.read_text()) if self.proc.returncode == 0 and path.exists() else None
-
-    def tail(self, n: int = 20) -> str:
-        return "\n".join(self.lines[-n:])
+def bed_peer(bed: NetnsBed, i: int, args: list[str], workdir: Path, echo) -> PeerProcess:
+    """Peer i of the bed, in its namespace (`NetnsBed.spawn` makes its process group)."""
+    return PeerProcess(f"p{i}", args, workdir, echo, spawn=lambda cmd, **kw: bed.spawn(i, cmd, **kw))
 
 
-def start_peers(bed: NetnsBed, args_for, workdir: Path, echo, join_timeout_s: float = 120.0) -> list[BedPeer]:
+def start_peers(bed: NetnsBed, args_for, workdir: Path, echo, join_timeout_s: float = 120.0) -> list[PeerProcess]:
     """One peer per namespace, with the options `args_for(i)`: the first starts the run, the others
     join through its join line."""
-    started = [BedPeer(bed, 0, args_for(0), workdir / "p0", echo)]
+    started = [bed_peer(bed, 0, args_for(0), workdir / "p0", echo)]
     try:
         extra = ["--initial-peers", started[0].join_address(join_timeout_s)]
         for i in range(1, len(bed.namespaces)):
-            started.append(BedPeer(bed, i, [*args_for(i), *extra], workdir / f"p{i}", echo))
+            started.append(bed_peer(bed, i, [*args_for(i), *extra], workdir / f"p{i}", echo))
     except BaseException:  # a failed start must not leave the first peer running into what comes next
         bed.stop([p.proc for p in started], grace_s=5)
         raise
     return started
 
 
-def wait_peers(peers: list[BedPeer], timeout_s: float) -> list[str]:
+def wait_peers(peers: list[PeerProcess], timeout_s: float) -> list[str]:
     """Wait for every peer to exit; the names of those still running after timeout_s."""
     deadline = time.monotonic() + timeout_s
     for p in peers:
@@ -82,7 +44,7 @@ def wait_peers(peers: list[BedPeer], timeout_s: float) -> list[str]:
         except subprocess.TimeoutExpired:
             pass
     for p in peers:
-        p._reader.join(5)  # the last lines, for the log
+        p.read_to_end()  # the last lines, for the log
     return [p.name for p in peers if p.proc.poll() is None]
 
 
