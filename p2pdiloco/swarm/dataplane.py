@@ -29,7 +29,7 @@ import grpc
 import torch
 
 from ..averaging import AverageResult, SyncKey, span_bounds, weighted_mean
-from ..codecs import CastCodec, CodecError, Encoded
+from ..codecs import CastCodec, CodecError, Encoded, parse_header
 from .gen import p2pdiloco_pb2 as pb
 from .gen import p2pdiloco_pb2_grpc as pb_grpc
 from . import reachability
@@ -201,7 +201,7 @@ class RoundBook:
         if not math.isfinite(request.weight) or request.weight < 0:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"weight {request.weight} is not a finite count of tokens")
         try:
-            enc = parse_payload(request.payload if payload is None else payload)
+            enc = await _parse(request.payload if payload is None else payload)
         except CodecError as exc:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed payload: {exc}") from None
         if enc.codec.name != self.identity.codec:
@@ -230,6 +230,14 @@ class RoundBook:
             if rnd.reply is None or sender in rnd.answered:
                 raise Refused(grpc.StatusCode.ABORTED, f"{sender} sent a second part for {key}; it was answered once")
             return rnd.answer(sender, self.identity.peer_id, joined)
+
+
+async def _parse(payload) -> Encoded:
+    """parse_payload, with an entropy-coded payload's decoding (a zlib pass, which lets go of the
+    GIL) in a thread rather than on the event loop that carries every transfer."""
+    if parse_header(payload)[0].variable_size:
+        return await asyncio.get_running_loop().run_in_executor(None, parse_payload, payload)
+    return parse_payload(payload)
 
 
 def _kept(enc: Encoded) -> torch.Tensor | Encoded:
@@ -330,12 +338,12 @@ async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: 
     mean = out if fits else torch.empty(encoded.numel, dtype=torch.float32)
     sent = 0
 
-    def take(i: int, reply: pb.ReduceReply, payload) -> pb.ReduceReply:
+    async def take(i: int, reply: pb.ReduceReply, payload) -> pb.ReduceReply:
         lo, hi = spans[i]
         if isinstance(payload, InPlace):  # the values are in mean[lo:hi] already
             check_in_place(payload, hi - lo)
             return reply
-        enc = payload if isinstance(payload, Encoded) else parse_payload(payload)
+        enc = payload if isinstance(payload, Encoded) else await _parse(payload)
         if enc.numel != hi - lo:
             raise RuntimeError(f"{enc.numel} values in the mean, expected {hi - lo}")
         enc.codec.decode_into(enc, mean[lo:hi])
@@ -353,14 +361,14 @@ async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: 
                                    round=group.key.round, group_id=group.group_id, weight=weight)
         # An fp32 mean's values are the bytes on the wire: the bulk port reads them straight into place.
         into = memoryview(mean[lo:hi].numpy()).cast("B") if encoded.codec.name == "fp32" and hi > lo else None
-        return take(i, *await channels.reduce(group.members[i].address)(request, pieces, timeout_s, into))
+        return await take(i, *await channels.reduce(group.members[i].address)(request, pieces, timeout_s, into))
 
     async def own(i: int) -> pb.ReduceReply:
         nonlocal sent
         lo, hi = spans[i]
         reply, my_mean, nbytes = await book.own(group, encoded.slice(lo, hi), weight)
         sent += nbytes
-        return take(i, reply, my_mean)
+        return await take(i, reply, my_mean)
 
     me = group.my_index
     mine = asyncio.ensure_future(own(me))
