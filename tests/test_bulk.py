@@ -126,8 +126,8 @@ def test_peers_average_over_their_bulk_ports(planes):
 def test_an_answered_round_lets_go_of_its_parts_and_reply_and_the_next_reuses_the_memory(planes, codec):
     """Once an owner has answered every member, its round keeps only who took part: the parts'
     receive buffers and the owner's sum go back to be reused by the next average, instead of each
-    average reading into fresh memory whose pages the kernel must zero (bench allreduce: 0.42 s
-    against 0.12 s when they were kept)."""
+    average reading into fresh memory whose pages the kernel must zero (docs/benchmarks.md,
+    "Page faults")."""
     peers = [planes(n, codec=codec) for n in ("a", "b", "c")]
     declared = {p.identity.peer_id: address("127.0.0.1", p.port, p.bulk_port) for p in peers}
     for r in (1, 2, 3):  # round numbers of one size: the requests are too (a buffer fits one size)

@@ -24,6 +24,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
 import torch
@@ -37,7 +38,7 @@ from .matchmaking import Group
 from .bulk import BulkError, Buffers
 from .channels import Channels
 from .records import PROTOCOL_VERSION
-from .wire import (REPLY_PAYLOAD, SERVICE, InPlace, check_in_place, parse_payload, split_request,
+from .wire import (REPLY_PAYLOAD, SERVICE, InPlace, check_in_place, split_request,
                    with_payload)
 
 log = logging.getLogger("p2pdiloco.dataplane")
@@ -233,11 +234,12 @@ class RoundBook:
 
 
 async def _parse(payload) -> Encoded:
-    """parse_payload, with an entropy-coded payload's decoding (a zlib pass, which lets go of the
+    """wire.parse_payload (a view of `payload`, no copy), with an entropy-coded payload's decoding (a zlib pass, which lets go of the
     GIL) in a thread rather than on the event loop that carries every transfer."""
-    if parse_header(payload)[0].variable_size:
-        return await asyncio.get_running_loop().run_in_executor(None, parse_payload, payload)
-    return parse_payload(payload)
+    codec, numel, body = parse_header(payload)
+    if codec.variable_size:
+        return await asyncio.get_running_loop().run_in_executor(None, partial(codec.from_bytes, body, numel, copy=False))
+    return codec.from_bytes(body, numel, copy=False)
 
 
 def _kept(enc: Encoded) -> torch.Tensor | Encoded:
