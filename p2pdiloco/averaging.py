@@ -133,6 +133,17 @@ class InProcessAverager:
     def _complete(self, key: SyncKey) -> None:
         with self._lock:
             pending = self._pending.pop(key)
+        try:
+            results = self._reduce(pending)
+        except Exception as exc:  # a round that cannot be averaged fails for its members, as in the swarm
+            for fut in pending.futures.values():
+                fut.set_exception(exc)
+            return
+        for n, result in results.items():
+            pending.futures[n].set_result(result)
+
+    @staticmethod
+    def _reduce(pending: _Pending) -> dict[str, AverageResult]:
         names = sorted(pending.members)
         first = pending.members[names[0]][0]
         codec, numel = first.codec, first.numel  # the mean travels in the codec it was sent in
@@ -149,5 +160,4 @@ class InProcessAverager:
             means.append(mean.decode())
         mean = torch.cat(means) if means else torch.zeros(0)
         total = float(sum(w for _, w in pending.members.values()))
-        for n in names:
-            pending.futures[n].set_result(AverageResult(mean.clone(), tuple(names), total, sent[n]))
+        return {n: AverageResult(mean.clone(), tuple(names), total, sent[n]) for n in names}

@@ -143,6 +143,12 @@ class Worker:
     def data_parallel_now(self) -> bool:
         return self.cfg.mode == "data_parallel" or self.step < self.cfg.dp_warmup_steps
 
+    @property
+    def just_switched(self) -> bool:
+        """Right after the data-parallel warm start's last step every replica is the global copy:
+        a fragment due now has no Δ and no tokens to average (a round of zero weight)."""
+        return 0 < self.cfg.dp_warmup_steps == self.step
+
     # ---- phase 1: local gradient (and, data-parallel, hand it to the averager)
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int = 0) -> float:
         """One step's gradient, accumulated over micro-batches of `micro_batch` sequences (0: all
@@ -184,7 +190,7 @@ class Worker:
 
     # ---- phase 3: begin the syncs due after this step
     def send_due(self) -> None:
-        if self.data_parallel_now:
+        if self.data_parallel_now or self.just_switched:
             return
         due = self.schedule.due(self.step)
         earlier = self._due_now[1] if self._due_now[0] == self.step else {}
@@ -196,7 +202,7 @@ class Worker:
         """End of training: every fragment not synced at this very step syncs once more, so the
         global parameters hold every replica's last steps (no lost work) and every method is
         evaluated on a fully synced model. The replicas then restart from it (α = 0)."""
-        if self.data_parallel_now:
+        if self.data_parallel_now or self.just_switched:
             return
         # Rounds that came due since this step's send_due(): on the wall clock the end may be
         # noticed later (after an evaluation), and the others will have sent those rounds.

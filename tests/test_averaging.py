@@ -84,3 +84,16 @@ def test_double_submit_is_an_error():
     avg.member("a").submit(SyncKey("grad", 0, 0), fp32.encode(torch.ones(2)), 1.0)
     with pytest.raises(RuntimeError, match="twice"):
         avg.member("a").submit(SyncKey("grad", 0, 0), fp32.encode(torch.ones(2)), 1.0)
+
+
+def test_a_round_that_cannot_be_averaged_fails_for_every_member_and_the_next_one_works():
+    avg = InProcessAverager(["a", "b"])
+    fp32 = get_codec("fp32")
+    fa = avg.member("a").submit(SyncKey("fragment", 0, 0), fp32.encode(torch.ones(2)), 0.0)
+    fb = avg.member("b").submit(SyncKey("fragment", 0, 0), fp32.encode(torch.ones(2)), 0.0)  # no raise here
+    for fut in (fa, fb):
+        with pytest.raises(ValueError, match="positive total weight"):
+            fut.result(timeout=1)
+    fa = avg.member("a").submit(SyncKey("fragment", 0, 1), fp32.encode(torch.ones(2)), 1.0)
+    avg.member("b").submit(SyncKey("fragment", 0, 1), fp32.encode(torch.zeros(2)), 1.0)
+    assert fa.result(timeout=1).mean.tolist() == [0.5, 0.5]

@@ -227,3 +227,24 @@ def test_a_diverged_fragment_is_not_sent_and_restarts_from_the_global_copy(text_
     assert torch.isfinite(params(bad)).all()
     torch.testing.assert_close(params(bad), bad.global_params[0], rtol=0, atol=0)  # restarted from global
     assert all(w.skipped_rounds == 0 for w in sim.workers[:2])
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_a_data_parallel_warm_start_ending_on_a_due_step_skips_that_empty_round(text_file, small_corpus, eager):
+    # Fragment 0 is due at steps 4, 8, 12 and the warm start ends at 4: that round would have no Δ
+    # and zero weight, so no worker sends it; the later rounds average as usual.
+    cfg = sim_config(text_file, H=4, fragments=1, tau=1, alpha=0.5, eager=eager, codec="e3m0", dp_warmup_steps=4)
+    sim = Simulation(cfg, small_corpus)
+    for _ in range(4):
+        sim.train_step()
+    assert all(not w.in_flight for w in sim.workers)
+    switched = sim.workers[0].global_params[0].clone()
+    for _ in range(8):
+        sim.train_step()
+    for w in sim.workers:
+        w.send_final()
+        w.flush()
+    assert all(w.skipped_rounds == 0 and w.applied_rounds[0] == 2 for w in sim.workers)
+    assert not torch.equal(sim.workers[0].global_params[0], switched)
+    for w in sim.workers[1:]:
+        torch.testing.assert_close(w.global_params[0], sim.workers[0].global_params[0], rtol=0, atol=0)
