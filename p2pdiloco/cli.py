@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     quality = bench_sub.add_parser("quality", help="data-parallel vs DiLoCo vs Streaming DiLoCo on the same tokens")
-    quality.add_argument("--preset", choices=["smoke", "small"], default="smoke")
+    quality.add_argument("--preset", choices=["smoke", "small", "small-b16"], default="smoke")
     quality.add_argument("--methods", nargs="+", metavar="NAME", help="a subset of the methods (default: all five)")
     quality.add_argument("--json", metavar="FILE", required=True, help="results; a PNG plot is written beside it")
     quality.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
