@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# What narrows the gap to data-parallel on the `small` preset: one lever at a time, each a
-# `bench quality` run over a subset of methods (same tokens and seeds as the preset).
-# Writes results/levers/*.json (+ .png). About 25 minutes on 2 CPU cores.
+# What narrows the gap to data-parallel: one lever at a time, each a `bench quality` run over a
+# subset of methods (same tokens and seeds within a run). Writes OUTDIR/*.json (+ .png).
+# The levers run on `small-b16` (the earlier `small`: 540 steps of 16 sequences, H = 30), about
+# 25 minutes on 2 CPU cores; the batch sweep that led to today's `small` (same tokens, more and
+# smaller steps, H = 10) about 25 minutes more.
 # Usage: benchmarks/quality_levers.sh [OUTDIR]   (run from the repo root, .venv set up)
 set -euo pipefail
 out=${1:-results/levers}
 mkdir -p "$out"
-q() { name=$1; shift; p2pdiloco bench quality --preset small "$@" --json "$out/$name.json"; }
+q() { name=$1; shift; p2pdiloco bench quality "$@" --json "$out/$name.json"; }
 # Bytes at H = 100 (the 400x target): data-parallel against streaming + overlap + E3M0.
-q h100_bytes --H 100 --methods data_parallel streaming_overlap_e3m0
+q h100_bytes --preset small-b16 --H 100 --methods data_parallel streaming_overlap_e3m0
 # The papers' outer momentum 0.9 instead of the preset's 0.5.
-q outer_momentum_0.9 --outer-momentum 0.9 --methods diloco streaming_overlap_e3m0
+q outer_momentum_0.9 --preset small-b16 --outer-momentum 0.9 --methods diloco streaming_overlap_e3m0
 # Syncing 3x more often.
-q h10 --H 10 --methods diloco streaming_overlap_e3m0
+q h10 --preset small-b16 --H 10 --methods diloco streaming_overlap_e3m0
 # A data-parallel warm start for the first 10% of steps (as in DiLoCo's own experiments).
-q dp_warmup_10pct --dp-warmup-steps 54 --methods diloco streaming_overlap_e3m0
+q dp_warmup_10pct --preset small-b16 --dp-warmup-steps 54 --methods diloco streaming_overlap_e3m0
 # 4-bit without error feedback.
-q no_error_feedback --no-error-feedback --methods streaming_overlap_e3m0
+q no_error_feedback --preset small-b16 --no-error-feedback --methods streaming_overlap_e3m0
+# The same 4.42M tokens in more, smaller steps at H = 10, with the same 512 held-out sequences
+# (batch 2 is the `small` preset itself).
+q batch8_h10 --preset small --batch-size 8 --steps 1080 --eval-every 60 --eval-batches 64 \
+  --methods data_parallel diloco streaming_overlap_e3m0_eager
+q batch4_h10 --preset small --batch-size 4 --steps 2160 --eval-every 120 --eval-batches 128 \
+  --methods data_parallel diloco streaming_overlap_e3m0_eager

@@ -10,6 +10,8 @@ Methods (all through simulate.run_simulation, so the same model init, batches an
 """
 from __future__ import annotations
 
+import multiprocessing
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,25 +64,57 @@ def method_config(name: str, base: StreamingConfig) -> StreamingConfig:
     raise ValueError(f"--methods: '{name}' is unknown; choose from {', '.join(METHODS)}")
 
 
-def run_quality(preset: str, cfg: SimConfig, json_path: str, methods=METHODS, progress=print) -> dict:
+def run_quality(preset: str, cfg: SimConfig, json_path: str, methods=METHODS, progress=print,
+                jobs: int = 1, threads: int = 0) -> dict:
+    """Run `methods` and write their results to `json_path` as each finishes (partial results
+    survive an interrupted run). With jobs > 1 the methods run side by side in that many processes
+    of `threads` torch threads each: every method is its own seeded simulation, so its result does
+    not depend on what runs beside it."""
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
     for m in methods:  # fail on a bad name before hours of training, not after
         method_config(m, cfg.streaming)
-    corpus = Corpus.load(cfg.data)
     result = {"preset": preset, "workers": cfg.workers, "H": cfg.streaming.H,
               "fragments": cfg.streaming.fragments, "steps": cfg.steps, "model": cfg.model,
               "methods": {}}
-    for m in methods:
-        run = run_simulation(replace(cfg, streaming=method_config(m, cfg.streaming)), corpus, progress, label=m)
+    configs = [(m, replace(cfg, streaming=method_config(m, cfg.streaming))) for m in methods]
+    for m, run in _runs(configs, progress, jobs, threads):
         result["parameters"] = run["parameters"]
-        result["methods"][m] = {k: run[k] for k in ("eval_loss", "bytes_sent_per_worker", "peak_sync_bytes",
-                                                     "tokens", "wall_s", "eval_loss_initial", "eval_curve",
-                                                     "skipped_rounds", "fragments",
-                                                     "full_sync_bytes")}
-        write_json(json_path, result)  # partial results survive an interrupted run
+        result["methods"][m] = {k: run[k] for k in _KEPT}
+        write_json(json_path, result)
+    result["methods"] = {m: result["methods"][m] for m in methods}  # the order asked for, whatever finished first
     result["ratios"] = ratios(result["methods"], cfg)
     write_json(json_path, result)
     plot(result, Path(json_path).with_suffix(".png"))
     return result
+
+
+_KEPT = ("eval_loss", "bytes_sent_per_worker", "peak_sync_bytes", "tokens", "wall_s", "eval_loss_initial",
+         "eval_curve", "skipped_rounds", "fragments", "full_sync_bytes")
+
+
+def _runs(configs: list[tuple[str, SimConfig]], progress, jobs: int, threads: int):
+    """(method, summary) as each run finishes: in this process one after another, or in a pool of
+    `jobs` processes (spawned: torch and fork do not mix) that is torn down if any run fails."""
+    if jobs == 1 or len(configs) == 1:
+        corpus = Corpus.load(configs[0][1].data)
+        for m, c in configs:
+            yield m, run_simulation(c, corpus, progress, label=m)
+        return
+    with multiprocessing.get_context("spawn").Pool(min(jobs, len(configs)), _child_init, (threads,)) as pool:
+        # Leaving the block terminates the pool: a failed run or Ctrl-C does not leave the others running.
+        yield from pool.imap_unordered(_child_run, configs)
+
+
+def _child_init(threads: int) -> None:
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _child_run(item: tuple[str, SimConfig]) -> tuple[str, dict]:
+    m, c = item
+    return m, run_simulation(c, Corpus.load(c.data), lambda line: print(line, file=sys.stderr, flush=True), label=m)
 
 
 def round_bytes(name: str, cfg: SimConfig, method: dict) -> float | None:

@@ -30,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--preset", choices=["smoke", "small", "small-b16"], default="smoke")
     quality.add_argument("--methods", nargs="+", metavar="NAME", help="a subset of the methods (default: all five)")
     quality.add_argument("--json", metavar="FILE", required=True, help="results; a PNG plot is written beside it")
-    quality.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    quality.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); "
+                         "with --jobs, per process")
+    quality.add_argument("--jobs", type=int, default=1, help="methods run side by side in this many processes "
+                         "(each its own seeded run: the results do not change)")
     config.add_options(quality)
     allreduce = bench_sub.add_parser("allreduce", help="one average across N peer processes: ours vs gloo vs hivemind")
     allreduce.add_argument("--peers", type=int, default=4)
@@ -102,7 +105,8 @@ def _bench_quality(args) -> int:
 
     cfg = config.sim_config(args, defaults=PRESETS[args.preset])
     result = run_quality(args.preset, cfg, args.json, tuple(args.methods or METHODS),
-                         progress=lambda m: print(m, file=sys.stderr, flush=True))
+                         progress=lambda m: print(m, file=sys.stderr, flush=True), jobs=args.jobs,
+                         threads=args.threads)
     print(f"{'method':32s} {'eval loss':>9s} {'vs DP':>7s} {'bytes/worker':>14s} {'DP/bytes':>9s} {'peak sync':>11s} {'wall s':>7s}")
     for name, m in result["methods"].items():
         r = result["ratios"][name]

@@ -44,7 +44,25 @@ def test_bench_quality_smoke_schema_and_plot(tmp_path, text_file):
     assert (tmp_path / "q.png").stat().st_size > 10_000
 
 
+def test_bench_quality_jobs_run_methods_side_by_side_with_the_same_results(tmp_path, text_file):
+    common = ["bench", "quality", "--preset", "smoke", "--data", str(text_file), "--seq-len", "32", "--steps", "20",
+              "--eval-every", "10", "--H", "10", "--threads", "1", "--methods", "streaming_overlap_e3m0", "diloco"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    r = run(common + ["--json", str(one)])
+    assert r.returncode == 0, r.stderr
+    r = run(common + ["--jobs", "2", "--json", str(two)])
+    assert r.returncode == 0, r.stderr
+    assert "[diloco] step 20/20" in r.stderr and "[streaming_overlap_e3m0] step 20/20" in r.stderr
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert list(b["methods"]) == ["streaming_overlap_e3m0", "diloco"]  # the order asked for
+    for name in a["methods"]:
+        for key in ("eval_curve", "bytes_sent_per_worker", "peak_sync_bytes", "tokens"):
+            assert a["methods"][name][key] == b["methods"][name][key], (name, key)
+    assert a["ratios"] == b["ratios"]
+
+
 @pytest.mark.parametrize("args,match", [
+    (["bench", "quality", "--jobs", "0", "--json", "x.json"], "--jobs must be at least 1"),
     (["simulate", "--tau", "30", "--H", "30"], "streaming.tau"),
     (["simulate", "--fragments", "9"], "streaming.fragments"),
     (["simulate", "--data", "/nonexistent/corpus"], "does not exist"),
