@@ -27,15 +27,17 @@ PRESETS: dict[str, dict] = {
               "outer": {"lr": 0.7, "momentum": 0.5},
               "streaming": {"H": 20, "fragments": 2}},
     # 20.3 tokens per parameter for the 0.22M-parameter micro model: 4,320 steps × 4 workers × 2 × 128
-    # tokens, about 25 minutes on 2 cores. Small per-worker batches and H = 10 because the gap to
-    # data-parallel at a fixed token budget shrinks with the number of steps and syncs (16 → 2
-    # sequences: DiLoCo 1.095 → 1.019 × data-parallel); outer momentum 0.5 rather than the papers' 0.9,
-    # which costs 10% at this scale. docs/benchmarks.md has the sweeps. 256 × 2 held-out sequences.
+    # tokens, about 20 minutes on 2 cores with --jobs 2. At a fixed token budget the gap to
+    # data-parallel shrinks with the number of steps and syncs (16 → 2 sequences per worker at H = 10:
+    # DiLoCo 1.095 → 1.029 × data-parallel), and a data-parallel warm start of the first 5% of steps
+    # (as in DiLoCo's own experiments) takes another 1.5 points off; outer momentum 0.5 rather than
+    # the papers' 0.9, which costs 10% at this scale. docs/benchmarks.md has the sweeps. The eval
+    # set is 256 × 2 held-out sequences, the same 512 as small-b16's 32 × 16.
     "small": {"model": "micro", "workers": 4, "batch_size": 2, "steps": 4320, "eval_every": 240,
               "eval_batches": 256, "data": {"seq_len": 128},
               "inner": {"lr": 6e-3, "warmup_steps": 50},
               "outer": {"lr": 0.7, "momentum": 0.5},
-              "streaming": {"H": 10, "fragments": 2}},
+              "streaming": {"H": 10, "fragments": 2, "dp_warmup_steps": 216}},
     # The same tokens in 540 steps of 16 sequences with H = 30: the earlier `small`, kept so that
     # the lever sweeps in docs/benchmarks.md run as they did (about 12 minutes).
     "small-b16": {"model": "micro", "workers": 4, "batch_size": 16, "steps": 540, "eval_every": 30,
