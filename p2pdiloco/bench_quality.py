@@ -91,7 +91,7 @@ def run_quality(preset: str, cfg: SimConfig, json_path: str, methods=METHODS, pr
     return result
 
 
-_KEPT = ("eval_loss", "bytes_sent_per_worker", "peak_sync_bytes", "tokens", "wall_s", "eval_loss_initial",
+_KEPT = ("eval_loss", "bytes_sent_per_worker", "peak_sync_bytes", "peak_fragment_sync_bytes", "tokens", "wall_s", "eval_loss_initial",
          "eval_curve", "skipped_rounds", "fragments", "full_sync_bytes")
 
 
@@ -145,6 +145,8 @@ def ratios(methods: dict, cfg: SimConfig) -> dict:
             r["eval_loss_vs_diloco"] = m["eval_loss"] / dl["eval_loss"]
         if m["full_sync_bytes"]:
             r["peak_sync_vs_full_model_sync"] = m["peak_sync_bytes"] / m["full_sync_bytes"]
+            if m.get("peak_fragment_sync_bytes"):  # with a data-parallel warm start the peak above is a gradient's
+                r["peak_fragment_sync_vs_full_model_sync"] = m["peak_fragment_sync_bytes"] / m["full_sync_bytes"]
         out[name] = r
     return out
 

@@ -148,6 +148,7 @@ def run_simulation(cfg: SimConfig, corpus: Corpus | None = None, progress: Progr
         "tokens": sim.tokens(),
         "bytes_sent_per_worker": max(w.bytes_sent for w in workers),
         "peak_sync_bytes": max(w.peak_sync_bytes for w in workers),
+        "peak_fragment_sync_bytes": max(w.peak_fragment_sync_bytes for w in workers),
         "skipped_rounds": sum(w.skipped_rounds for w in workers),
         "parameters": sim.base.num_parameters(),
         # What one average of the whole model cost a worker, for comparison with peak_sync_bytes (a

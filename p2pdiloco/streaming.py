@@ -127,6 +127,7 @@ class Worker:
         self.tokens = 0
         self.bytes_sent = 0
         self.peak_sync_bytes = 0
+        self.peak_fragment_sync_bytes = 0  # the same without gradient all-reduces (a warm start's are whole-model)
         # What each kind of sync cost this worker: fragment index, or "grad" for a gradient
         # all-reduce, -> [bytes, syncs]. A sync's size depends on the values with an entropy-coded codec.
         self.sync_bytes: dict[int | str, list[int]] = {}
@@ -296,6 +297,8 @@ class Worker:
     def _count_bytes(self, n: int, what: int | str) -> None:
         self.bytes_sent += n
         self.peak_sync_bytes = max(self.peak_sync_bytes, n)
+        if what != "grad":
+            self.peak_fragment_sync_bytes = max(self.peak_fragment_sync_bytes, n)
         total = self.sync_bytes.setdefault(what, [0, 0])
         total[0] += n
         total[1] += 1

@@ -245,6 +245,9 @@ def test_a_data_parallel_warm_start_ending_on_a_due_step_skips_that_empty_round(
         w.send_final()
         w.flush()
     assert all(w.skipped_rounds == 0 and w.applied_rounds[0] == 2 for w in sim.workers)
+    # The warm start's gradient all-reduces are the largest syncs; a fragment's are reported apart.
+    w = sim.workers[0]
+    assert w.peak_sync_bytes == w.bytes_per_sync("grad") > w.peak_fragment_sync_bytes == w.bytes_per_sync(0) > 0
     assert not torch.equal(sim.workers[0].global_params[0], switched)
     for w in sim.workers[1:]:
         torch.testing.assert_close(w.global_params[0], sim.workers[0].global_params[0], rtol=0, atol=0)
