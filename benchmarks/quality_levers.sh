@@ -2,8 +2,8 @@
 # What narrows the gap to data-parallel: one lever at a time, each a `bench quality` run over a
 # subset of methods (same tokens and seeds within a run). Writes OUTDIR/*.json (+ .png).
 # The levers run on `small-b16` (the earlier `small`: 540 steps of 16 sequences, H = 30), about
-# 25 minutes on 2 CPU cores; the batch sweep that led to today's `small` (same tokens, more and
-# smaller steps, H = 10) about 25 minutes more.
+# 25 minutes on 2 CPU cores; the batch and warm-start sweeps that led to today's `small` (same
+# tokens, more and smaller steps, H = 10, 5% data-parallel warm start) about 45 minutes more.
 # Usage: benchmarks/quality_levers.sh [OUTDIR]   (run from the repo root, .venv set up)
 set -euo pipefail
 out=${1:-results/levers}
@@ -19,9 +19,14 @@ q h10 --preset small-b16 --H 10 --methods diloco streaming_overlap_e3m0
 q dp_warmup_10pct --preset small-b16 --dp-warmup-steps 54 --methods diloco streaming_overlap_e3m0
 # 4-bit without error feedback.
 q no_error_feedback --preset small-b16 --no-error-feedback --methods streaming_overlap_e3m0
-# The same 4.42M tokens in more, smaller steps at H = 10, with the same 512 held-out sequences
-# (batch 2 is the `small` preset itself).
-q batch8_h10 --preset small --batch-size 8 --steps 1080 --eval-every 60 --eval-batches 64 \
-  --methods data_parallel diloco streaming_overlap_e3m0_eager
-q batch4_h10 --preset small --batch-size 4 --steps 2160 --eval-every 120 --eval-batches 128 \
-  --methods data_parallel diloco streaming_overlap_e3m0_eager
+# The same 4.42M tokens in more, smaller steps at H = 10, no warm start, the same 512 held-out
+# sequences (batch 2 is the `small` preset without its warm start).
+q batch8_h10 --preset small --dp-warmup-steps 0 --threads 1 --batch-size 8 --steps 1080 --eval-every 60 \
+  --eval-batches 64 --methods data_parallel diloco streaming_overlap_e3m0_eager
+q batch4_h10 --preset small --dp-warmup-steps 0 --threads 1 --batch-size 4 --steps 2160 --eval-every 120 \
+  --eval-batches 128 --methods data_parallel diloco streaming_overlap_e3m0_eager
+q batch2_h10 --preset small --dp-warmup-steps 0 --threads 1 --methods data_parallel diloco
+q batch2_h10_eager --preset small --dp-warmup-steps 0 --threads 1 --methods streaming_overlap_e3m0_eager
+# The preset's warm start doubled: 10% of steps data-parallel.
+q batch2_h10_warmup10 --preset small --threads 1 --dp-warmup-steps 432 --methods streaming_overlap_e3m0_eager diloco
+q batch2_h10_warmup10_plain --preset small --threads 1 --dp-warmup-steps 432 --methods streaming_overlap_e3m0
