@@ -27,11 +27,11 @@ PRESETS: dict[str, dict] = {
               "outer": {"lr": 0.7, "momentum": 0.5},
               "streaming": {"H": 20, "fragments": 2}},
     # 20.3 tokens per parameter for the 0.22M-parameter micro model: 4,320 steps × 4 workers × 2 × 128
-    # tokens, about 20 minutes on 2 cores with --jobs 2. At a fixed token budget the gap to
+    # tokens, about 18 minutes on 2 cores with --jobs 2. At a fixed token budget the gap to
     # data-parallel shrinks with the number of steps and syncs (16 → 2 sequences per worker at H = 10:
     # DiLoCo 1.095 → 1.029 × data-parallel), and a data-parallel warm start of the first 5% of steps
-    # (as in DiLoCo's own experiments) takes another 1.5 points off; outer momentum 0.5 rather than
-    # the papers' 0.9, which costs 10% at this scale. docs/benchmarks.md has the sweeps. The eval
+    # (as in DiLoCo's own experiments) takes another 1.8 points off; outer momentum 0.5 rather than
+    # the papers' 0.9, which cost DiLoCo 10% on small-b16. docs/benchmarks.md has the sweeps. The eval
     # set is 256 × 2 held-out sequences, the same 512 as small-b16's 32 × 16.
     "small": {"model": "micro", "workers": 4, "batch_size": 2, "steps": 4320, "eval_every": 240,
               "eval_batches": 256, "data": {"seq_len": 128},
@@ -91,8 +91,8 @@ def run_quality(preset: str, cfg: SimConfig, json_path: str, methods=METHODS, pr
     return result
 
 
-_KEPT = ("eval_loss", "bytes_sent_per_worker", "peak_sync_bytes", "peak_fragment_sync_bytes", "tokens", "wall_s", "eval_loss_initial",
-         "eval_curve", "skipped_rounds", "fragments", "full_sync_bytes")
+_KEPT = ("eval_loss", "bytes_sent_per_worker", "peak_sync_bytes", "peak_fragment_sync_bytes", "tokens", "wall_s",
+         "eval_loss_initial", "eval_curve", "skipped_rounds", "fragments", "full_sync_bytes")
 
 
 def _runs(configs: list[tuple[str, SimConfig]], progress, jobs: int, threads: int):
