@@ -5,7 +5,7 @@ Methods (all through simulate.run_simulation, so the same model init, batches an
 - diloco: P = 1, τ = 0, fp32 pseudo-gradients;
 - streaming: P fragments, τ = 0, fp32;
 - streaming_overlap_e3m0: P fragments, τ = 1, α = 0.5, 4-bit E3M0 (`--codec e3m0-huffman`: the same
-  values Huffman-coded on the wire);
+  values Huffman-coded on the wire; `--tau` and `--alpha` change τ and α of this method and the next);
 - streaming_overlap_e3m0_eager: the same with eager updates.
 """
 from __future__ import annotations
@@ -57,12 +57,13 @@ def method_config(name: str, base: StreamingConfig) -> StreamingConfig:
         return replace(base, fragments=1, tau=0, alpha=0.0, eager=False, codec="fp32")
     if name == "streaming":
         return replace(base, tau=0, alpha=0.0, eager=False, codec="fp32")
-    # The 4-bit methods keep a --codec of the E3M0 family (e3m0-huffman: the same values, fewer bytes).
+    # The 4-bit methods keep a --codec of the E3M0 family (e3m0-huffman: the same values, fewer bytes)
+    # and the run's τ and α (τ = 1 and α = 0.5 unless --tau or --alpha says otherwise).
     four_bit = base.codec if base.codec.startswith("e3m0") else "e3m0"
     if name == "streaming_overlap_e3m0":
-        return replace(base, tau=1, alpha=0.5, eager=False, codec=four_bit)
+        return replace(base, eager=False, codec=four_bit)
     if name == "streaming_overlap_e3m0_eager":
-        return replace(base, tau=1, alpha=0.5, eager=True, codec=four_bit)
+        return replace(base, eager=True, codec=four_bit)
     raise ValueError(f"--methods: '{name}' is unknown; choose from {', '.join(METHODS)}")
 
 
@@ -74,15 +75,16 @@ def run_quality(preset: str, cfg: SimConfig, json_path: str, methods=METHODS, pr
     not depend on what runs beside it."""
     if jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
-    for m in methods:  # fail on a bad name before hours of training, not after
-        method_config(m, cfg.streaming)
+    # Every method's config is checked before hours of training, not after (a bad name, or --tau 0
+    # with the eager method).
+    configs = [(m, replace(cfg, streaming=method_config(m, cfg.streaming)).validate()) for m in methods]
     result = {"preset": preset, "workers": cfg.workers, "H": cfg.streaming.H,
               "fragments": cfg.streaming.fragments, "steps": cfg.steps, "model": cfg.model,
               "methods": {}}
-    configs = [(m, replace(cfg, streaming=method_config(m, cfg.streaming))) for m in methods]
     for m, run in _runs(configs, progress, jobs, threads):
         result["parameters"] = run["parameters"]
-        result["methods"][m] = {k: run[k] for k in _KEPT}
+        s = run["config"]["streaming"]
+        result["methods"][m] = {k: run[k] for k in _KEPT} | {k: s[k] for k in ("tau", "alpha", "eager", "codec")}
         write_json(json_path, result)
     result["methods"] = {m: result["methods"][m] for m in methods}  # the order asked for, whatever finished first
     result["ratios"] = ratios(result["methods"], cfg)

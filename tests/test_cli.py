@@ -63,6 +63,7 @@ def test_bench_quality_jobs_run_methods_side_by_side_with_the_same_results(tmp_p
 
 @pytest.mark.parametrize("args,match", [
     (["bench", "quality", "--jobs", "0", "--json", "x.json"], "--jobs must be at least 1"),
+    (["bench", "quality", "--tau", "0", "--json", "x.json"], "streaming.eager needs streaming.tau"),
     (["simulate", "--tau", "30", "--H", "30"], "streaming.tau"),
     (["simulate", "--fragments", "9"], "streaming.fragments"),
     (["simulate", "--data", "/nonexistent/corpus"], "does not exist"),
