@@ -31,13 +31,15 @@ PRESETS: dict[str, dict] = {
     # data-parallel shrinks with the number of steps and syncs (16 → 2 sequences per worker at H = 10:
     # DiLoCo 1.095 → 1.029 × data-parallel), and a data-parallel warm start of the first 5% of steps
     # (as in DiLoCo's own experiments) takes another 1.8 points off; outer momentum 0.5 rather than
-    # the papers' 0.9, which cost DiLoCo 10% on small-b16. docs/benchmarks.md has the sweeps. The eval
-    # set is 256 × 2 held-out sequences, the same 512 as small-b16's 32 × 16.
+    # the papers' 0.9, which cost DiLoCo 10% on small-b16; and plain overlap's merge with α = 0 (take
+    # the averaged global copy) rather than the paper's 0.5, which keeps half of each replica's own
+    # drift and cost 1.5% here (1.034 → 1.017 × data-parallel). docs/benchmarks.md has the sweeps.
+    # The eval set is 256 × 2 held-out sequences, the same 512 as small-b16's 32 × 16.
     "small": {"model": "micro", "workers": 4, "batch_size": 2, "steps": 4320, "eval_every": 240,
               "eval_batches": 256, "data": {"seq_len": 128},
               "inner": {"lr": 6e-3, "warmup_steps": 50},
               "outer": {"lr": 0.7, "momentum": 0.5},
-              "streaming": {"H": 10, "fragments": 2, "dp_warmup_steps": 216}},
+              "streaming": {"H": 10, "fragments": 2, "dp_warmup_steps": 216, "alpha": 0.0}},
     # The same tokens in 540 steps of 16 sequences with H = 30: the earlier `small`, kept so that
     # the lever sweeps in docs/benchmarks.md run as they did (about 12 minutes).
     "small-b16": {"model": "micro", "workers": 4, "batch_size": 16, "steps": 540, "eval_every": 30,
