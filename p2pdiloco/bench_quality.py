@@ -27,7 +27,7 @@ PRESETS: dict[str, dict] = {
               "outer": {"lr": 0.7, "momentum": 0.5},
               "streaming": {"H": 20, "fragments": 2}},
     # 20.3 tokens per parameter for the 0.22M-parameter micro model: 4,320 steps × 4 workers × 2 × 128
-    # tokens, about 18 minutes on 2 cores with --jobs 2. At a fixed token budget the gap to
+    # tokens, about 15 minutes on 2 cores with --jobs 2. At a fixed token budget the gap to
     # data-parallel shrinks with the number of steps and syncs (16 → 2 sequences per worker at H = 10:
     # DiLoCo 1.095 → 1.029 × data-parallel), and a data-parallel warm start of the first 5% of steps
     # (as in DiLoCo's own experiments) takes another 1.8 points off; outer momentum 0.5 rather than
