@@ -5,13 +5,13 @@ Methods (all through simulate.run_simulation, so the same model init, batches an
 - diloco: P = 1, τ = 0, fp32 pseudo-gradients;
 - streaming: P fragments, τ = 0, fp32;
 - streaming_overlap_e3m0: P fragments, τ = 1, α = 0.5, 4-bit E3M0 (`--codec e3m0-huffman`: the same
-  values Huffman-coded on the wire; `--tau` and `--alpha` change τ and α of this method and the next);
+  values Huffman-coded on the wire; `--tau` and `--alpha` change τ and α of this method and the next,
+  and the `small` preset sets α = 0);
 - streaming_overlap_e3m0_eager: the same with eager updates.
 """
 from __future__ import annotations
 
 import multiprocessing
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,8 +73,8 @@ def run_quality(preset: str, cfg: SimConfig, json_path: str, methods=METHODS, pr
                 jobs: int = 1, threads: int = 0) -> dict:
     """Run `methods` and write their results to `json_path` as each finishes (partial results
     survive an interrupted run). With jobs > 1 the methods run side by side in that many processes
-    of `threads` torch threads each: every method is its own seeded simulation, so its result does
-    not depend on what runs beside it."""
+    of `threads` torch threads each (each reports its progress on stderr, not through `progress`):
+    every method is its own seeded simulation, so its result does not depend on what runs beside it."""
     if jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
     # Every method's config is checked before hours of training, not after (a bad name, or --tau 0
@@ -120,7 +120,7 @@ def _child_init(threads: int) -> None:
 
 def _child_run(item: tuple[str, SimConfig]) -> tuple[str, dict]:
     m, c = item
-    return m, run_simulation(c, Corpus.load(c.data), lambda line: print(line, file=sys.stderr, flush=True), label=m)
+    return m, run_simulation(c, Corpus.load(c.data), label=m)  # progress on the child's stderr, run_simulation's default
 
 
 def round_bytes(name: str, cfg: SimConfig, method: dict) -> float | None:
