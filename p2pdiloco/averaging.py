@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .aggregation import AggregateConfig, aggregate
 from .codecs import Codec, Encoded
 
 
@@ -78,6 +79,16 @@ def weighted_mean(parts: list[tuple[Encoded | torch.Tensor, float]], out: torch.
     return acc
 
 
+def reduce_parts(parts: list[tuple[Encoded | torch.Tensor, float]], cfg: AggregateConfig,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """The owner's reduction of one span by `cfg.method` (aggregation.py): the plain weighted mean
+    on its fused path, or the robust methods on the decoded parts."""
+    if cfg.method == "mean":
+        return weighted_mean(parts, out)
+    decoded = [enc.decode() if isinstance(enc, Encoded) else enc for enc, _ in parts]
+    return aggregate(decoded, [w for _, w in parts], cfg, out)
+
+
 class Averager(ABC):
     @abstractmethod
     def submit(self, key: SyncKey, encoded: Encoded, weight: float) -> "Future[AverageResult]":
@@ -97,8 +108,9 @@ class InProcessAverager:
     (failure injection): rounds then complete with the others, as the swarm does after a timeout.
     """
 
-    def __init__(self, members: list[str]):
+    def __init__(self, members: list[str], aggregate: AggregateConfig = AggregateConfig(method="mean")):
         self.expected = list(members)
+        self.aggregate = aggregate
         self._pending: dict[SyncKey, _Pending] = {}
         self._lock = threading.Lock()
 
@@ -142,8 +154,7 @@ class InProcessAverager:
         for n, result in results.items():
             pending.futures[n].set_result(result)
 
-    @staticmethod
-    def _reduce(pending: _Pending) -> dict[str, AverageResult]:
+    def _reduce(self, pending: _Pending) -> dict[str, AverageResult]:
         names = sorted(pending.members)
         first = pending.members[names[0]][0]
         codec, numel = first.codec, first.numel  # the mean travels in the codec it was sent in
@@ -155,7 +166,7 @@ class InProcessAverager:
             for n, (enc, _) in zip(names, parts):  # reduce-scatter: everyone but the owner sends
                 if n != owner:
                     sent[n] += enc.nbytes
-            mean = codec.encode(weighted_mean(parts))
+            mean = codec.encode(reduce_parts(parts, self.aggregate))
             sent[owner] += mean.nbytes * (len(names) - 1)  # all-gather: the owner sends the mean back
             means.append(mean.decode())
         mean = torch.cat(means) if means else torch.zeros(0)

@@ -25,7 +25,7 @@ PRESETS: dict[str, dict] = {
               "eval_batches": 8, "data": {"seq_len": 64},
               "inner": {"lr": 6e-3, "warmup_steps": 20},
               "outer": {"lr": 0.7, "momentum": 0.5},
-              "streaming": {"H": 20, "fragments": 2}},
+              "streaming": {"H": 20, "fragments": 2}, "aggregate": {"method": "mean"}},
     # 20.3 tokens per parameter for the 0.22M-parameter micro model: 4,320 steps × 4 workers × 2 × 128
     # tokens, about 15 minutes on 2 cores with --jobs 2. At a fixed token budget the gap to
     # data-parallel shrinks with the number of steps and syncs (16 → 2 sequences per worker at H = 10:
@@ -39,14 +39,15 @@ PRESETS: dict[str, dict] = {
               "eval_batches": 256, "data": {"seq_len": 128},
               "inner": {"lr": 6e-3, "warmup_steps": 50},
               "outer": {"lr": 0.7, "momentum": 0.5},
-              "streaming": {"H": 10, "fragments": 2, "dp_warmup_steps": 216, "alpha": 0.0}},
+              "streaming": {"H": 10, "fragments": 2, "dp_warmup_steps": 216, "alpha": 0.0},
+              "aggregate": {"method": "mean"}},
     # The same tokens in 540 steps of 16 sequences with H = 30: the earlier `small`, kept so that
     # the lever sweeps in docs/benchmarks.md run as they did (about 12 minutes).
     "small-b16": {"model": "micro", "workers": 4, "batch_size": 16, "steps": 540, "eval_every": 30,
                   "eval_batches": 32, "data": {"seq_len": 128},
                   "inner": {"lr": 6e-3, "warmup_steps": 50},
                   "outer": {"lr": 0.7, "momentum": 0.5},
-                  "streaming": {"H": 30, "fragments": 2}},
+                  "streaming": {"H": 30, "fragments": 2}, "aggregate": {"method": "mean"}},
 }
 
 METHODS = ("data_parallel", "diloco", "streaming", "streaming_overlap_e3m0", "streaming_overlap_e3m0_eager")
@@ -82,7 +83,7 @@ def run_quality(preset: str, cfg: SimConfig, json_path: str, methods=METHODS, pr
     configs = [(m, replace(cfg, streaming=method_config(m, cfg.streaming)).validate()) for m in methods]
     result = {"preset": preset, "workers": cfg.workers, "H": cfg.streaming.H,
               "fragments": cfg.streaming.fragments, "steps": cfg.steps, "model": cfg.model,
-              "methods": {}}
+              "aggregate": cfg.aggregate.method, "methods": {}}
     for m, run in _runs(configs, progress, jobs, threads):
         result["parameters"] = run["parameters"]
         s = run["config"]["streaming"]

@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "p2pdiloco_e3m0-huffman Huffman-codes E3M0's codes)")
     allreduce.add_argument("--json", metavar="FILE", required=True)
     allreduce.set_defaults(threads=0)  # every peer process uses one thread
+    attack = bench_sub.add_parser("attack", help="4 peers, one adversarial per scenario: honest loss vs a calm run")
+    attack.add_argument("--scenarios", nargs="+", metavar="NAME", help="default: calm, calm-mean and every attack")
+    attack.add_argument("--baseline", action="store_true", help="also run each attack against undefended peers "
+                        "(plain mean, no checks)")
+    attack.add_argument("--peer-args", default="", help="more `p2pdiloco peer` options for every peer, one string")
+    attack.add_argument("--workdir", default="runs/bench-attack", help="every peer's log and summary, by scenario")
+    attack.add_argument("--json", metavar="FILE", required=True)
+    attack.set_defaults(threads=0)
     from .wan.cli import add_parser as add_bench_wan_parser
     add_bench_wan_parser(bench_sub)
 
@@ -76,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.bench == "allreduce":
             from .bench_allreduce import cli as bench_allreduce
             return bench_allreduce(args)
+        if args.bench == "attack":
+            return _bench_attack(args)
         if args.bench == "wan":
             from .wan.cli import cli as bench_wan
             return bench_wan(args)
@@ -97,6 +107,20 @@ def _simulate(args) -> int:
     print(f"eval loss {summary['eval_loss_initial']:.4f} -> {summary['eval_loss']:.4f}; "
           f"{summary['tokens']:,} tokens; {summary['bytes_sent_per_worker']:,} bytes sent per worker "
           f"(largest sync {summary['peak_sync_bytes']:,}); {summary['wall_s']:.1f}s; summary in {args.json}")
+    return 0
+
+
+def _bench_attack(args) -> int:
+    import shlex
+
+    from .bench_attack import SCENARIOS, print_table, run_attack_bench
+    unknown = [s for s in args.scenarios or () if s not in SCENARIOS]
+    if unknown:
+        raise ValueError(f"--scenarios: {', '.join(unknown)} unknown; choose from {', '.join(SCENARIOS)}")
+    result = run_attack_bench(args.json, args.workdir, tuple(args.scenarios or SCENARIOS),
+                              tuple(shlex.split(args.peer_args)), args.baseline,
+                              echo=lambda m: print(m, file=sys.stderr, flush=True))
+    print_table(result)
     return 0
 
 

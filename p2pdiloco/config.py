@@ -22,6 +22,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .aggregation import METHODS, AggregateConfig
 from .codecs import CODECS
 from .data import DataConfig
 from .inner import InnerConfig
@@ -29,7 +30,8 @@ from .outer import OuterConfig
 from .simulate import SimConfig
 from .streaming import StreamingConfig
 
-SECTIONS = {"data": DataConfig, "inner": InnerConfig, "outer": OuterConfig, "streaming": StreamingConfig}
+SECTIONS = {"data": DataConfig, "inner": InnerConfig, "outer": OuterConfig, "streaming": StreamingConfig,
+            "aggregate": AggregateConfig}
 
 # (flag, section or None for top level, field, argparse keywords)
 OPTIONS: list[tuple[str, str | None, str, dict]] = [
@@ -68,6 +70,14 @@ OPTIONS: list[tuple[str, str | None, str, dict]] = [
     ("--grad-clip", "inner", "grad_clip", {"type": float}),
     ("--outer-lr", "outer", "lr", {"type": float}),
     ("--outer-momentum", "outer", "momentum", {"type": float}),
+    ("--aggregate", "aggregate", "method", {"choices": list(METHODS), "help": "how a span's owner combines the "
+                                            "members' parts (default centered-clip; mean: trusted peers only)"}),
+    ("--max-weight-ratio", "aggregate", "max_weight_ratio", {"type": float, "help": "a part's claimed tokens "
+                                                             "count as at most this x the median (default 2)"}),
+    ("--max-norm-ratio", "aggregate", "max_norm_ratio", {"type": float, "help": "a part's norm is clipped to "
+                                                         "this x the median norm (default 2)"}),
+    ("--mean-check-ratio", "aggregate", "check_ratio", {"type": float, "help": "refuse a mean whose norm is over "
+                                                         "this x this peer's own delta (default 4; 0: no check)"}),
 ]
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .aggregation import AggregateConfig
 from .averaging import InProcessAverager
 from .data import Corpus, DataConfig, ShardSampler
 from .inner import InnerConfig, InnerOptimizer
@@ -39,6 +40,7 @@ class SimConfig:
     inner: InnerConfig = field(default_factory=InnerConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    aggregate: AggregateConfig = field(default_factory=AggregateConfig)
 
     def validate(self) -> "SimConfig":
         for name in ("workers", "steps", "batch_size", "eval_every", "eval_batches"):
@@ -51,6 +53,7 @@ class SimConfig:
         self.inner.validate()
         self.outer.validate()
         self.streaming.validate(mcfg.n_layers)
+        self.aggregate.validate()
         return self
 
 
@@ -86,7 +89,7 @@ class Simulation:
         self.eval_model = copy.deepcopy(self.base)
         self.val = self.corpus.val_batches(cfg.batch_size, cfg.eval_batches)
         names = [f"worker{i}" for i in range(cfg.workers)]
-        self.averager = InProcessAverager(names)
+        self.averager = InProcessAverager(names, cfg.aggregate)
         self.workers, self.samplers = [], []
         for i, name in enumerate(names):
             model = copy.deepcopy(self.base)

@@ -41,6 +41,8 @@ SWARM_OPTIONS: list[tuple[str, str, dict]] = [
     ("--eval-every-seconds", "eval_every_s", {"type": float, "help": "evaluate the global model this often "
                                               "for the summary's loss-against-wall-clock curve (default: start and end)"}),
     ("--json", "summary_json", {"metavar": "FILE", "help": "write the peer's summary here at the end"}),
+    ("--adversary", "adversary", {"metavar": "KIND", "help": "bench attack only: lie to the other peers "
+                                  "(scaled, weight-lie, extreme-scales, garbage, replay, bad-owner)"}),
 ]
 
 

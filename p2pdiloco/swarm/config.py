@@ -35,6 +35,7 @@ class SwarmConfig:
     shard: int = -1  # data shard index in [0, workers); -1: a peer-specific random order over all data
     checkpoint_dir: str = "checkpoints"
     summary_json: str = ""  # where to write the peer's summary at the end ("" : none)
+    adversary: str = ""  # bench attack only: lie to the other peers this way (adversary.py); "": honest
     eval_every_s: float = 0.0  # evaluate the global model this often (wall-clock seconds) for the summary's curve; 0: start and end only
 
     @property
@@ -72,6 +73,10 @@ class SwarmConfig:
             raise ValueError(f"swarm.eval_every_s must be ≥ 0 (0: evaluate at the start and end only), got {self.eval_every_s}")
         if self.group_size < 2 or self.wait_for_peers < 1 or self.max_message_mb < 1:
             raise ValueError("swarm.group_size must be ≥ 2, swarm.wait_for_peers ≥ 1 and swarm.max_message_mb ≥ 1")
+        if self.adversary:
+            from .adversary import KINDS
+            if self.adversary not in KINDS:
+                raise ValueError(f"swarm.adversary '{self.adversary}' is unknown; use one of {', '.join(KINDS)}")
         if not -1 <= self.shard < workers:
             raise ValueError(f"swarm.shard ({self.shard}) must be -1 (automatic) or in [0, workers={workers})")
         return self

@@ -29,7 +29,8 @@ from functools import partial
 import grpc
 import torch
 
-from ..averaging import AverageResult, SyncKey, span_bounds, weighted_mean
+from ..aggregation import AggregateConfig, check_mean
+from ..averaging import AverageResult, SyncKey, reduce_parts, span_bounds
 from ..codecs import CastCodec, CodecError, Encoded, parse_header
 from .gen import p2pdiloco_pb2 as pb
 from .gen import p2pdiloco_pb2_grpc as pb_grpc
@@ -132,8 +133,9 @@ class RoundBook:
     """The spans this peer owns, one `_Round` per SyncKey, kept until `reduce_timeout_s` after the
     answer (late parts are then refused rather than silently dropped)."""
 
-    def __init__(self, identity: Identity, reduce_timeout_s: float):
-        self.identity, self.timeout = identity, reduce_timeout_s
+    def __init__(self, identity: Identity, reduce_timeout_s: float, aggregate: AggregateConfig = AggregateConfig()):
+        self.identity, self.timeout, self.aggregate = identity, reduce_timeout_s, aggregate
+        self.poison = None  # bench attack's lying owner: a function of the fp32 mean (adversary.py)
         self.rounds: dict[SyncKey, _Round] = {}
         # The fp32 sums of my spans, reused once nothing holds them (an fp32 mean is sent as it is;
         # other codecs' are encoded from it): a fresh 10 MB one costs ~2,500 page faults, the kernel
@@ -172,11 +174,15 @@ class RoundBook:
                 parts = [(enc, 1.0) for enc, _ in parts]
             total = float(sum(w for _, w in parts))
             out = torch.frombuffer(self.means.get(part.numel * 4), dtype=torch.float32) if part.numel else None
-            if isinstance(part.codec, CastCodec) and part.numel <= INLINE_REPLY_NUMEL:
-                head, mean, pieces = _reply(part.codec, parts, names, total, out)
+            agg = self.aggregate
+            if isinstance(part.codec, CastCodec) and part.numel <= INLINE_REPLY_NUMEL and agg.method == "mean":
+                head, mean, pieces = _reply(part.codec, parts, names, total, agg, out)
             else:
                 head, mean, pieces = await asyncio.get_running_loop().run_in_executor(
-                    None, _reply, part.codec, parts, names, total, out)
+                    None, _reply, part.codec, parts, names, total, agg, out)
+            if self.poison is not None:  # an adversarial owner (adversary.py, bench attack only)
+                mean = part.codec.encode(self.poison(mean.decode()))
+                pieces = mean.pieces()
             rnd.reply, rnd.done = with_payload(head.SerializeToString(), REPLY_PAYLOAD, pieces), True
             rnd.parts = dict.fromkeys(rnd.parts)
             rnd.changed.notify_all()
@@ -252,11 +258,11 @@ def _numel(part: torch.Tensor | Encoded) -> int:
 
 
 def _reply(codec, parts: list[tuple[torch.Tensor | Encoded, float]], names: list[str],
-           total: float, out: torch.Tensor | None = None) -> tuple[pb.ReduceReply, Encoded, list]:
-    """The owner's answer for all members: who took part, and the encoded weighted mean of the
-    parts (accumulated in `out` if given), with its payload's pieces (an entropy-coded mean is
-    coded here, in the same thread)."""
-    mean = codec.encode(weighted_mean(parts, out))
+           total: float, agg: AggregateConfig, out: torch.Tensor | None = None) -> tuple[pb.ReduceReply, Encoded, list]:
+    """The owner's answer for all members: who took part, and the encoded mean of the parts by the
+    owner's aggregation method (aggregation.py; accumulated in `out` if given), with its payload's
+    pieces (an entropy-coded mean is coded here, in the same thread)."""
+    mean = codec.encode(reduce_parts(parts, agg, out))
     return pb.ReduceReply(participants=names, total_weight=total), mean, mean.pieces()
 
 
@@ -329,8 +335,9 @@ def serve(servicer: Servicer, server: grpc.aio.Server) -> None:
 
 
 async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: Encoded, weight: float,
-                    timeout_s: float, out: torch.Tensor | None = None) -> AverageResult:
-    """Average `encoded` within `group`; raises if any span's owner cannot answer within timeout_s.
+                    timeout_s: float, out: torch.Tensor | None = None, check_ratio: float | None = None) -> AverageResult:
+    """Average `encoded` within `group`; raises if any span's owner cannot answer within timeout_s,
+    or (with `check_ratio`, see `_check_spans`) if a span's mean fails this member's check.
     The mean is written into `out` when it has the right size (a buffer reused from an earlier
     average: a fresh 40 MB one costs more in page faults than decoding into it); each span is
     decoded into it as its answer comes, while the others are still on their way."""
@@ -396,4 +403,17 @@ async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: 
             raise RuntimeError(f"span {i} owned by {who[-8:]} failed: {detail}") from None
         participants.update(r.participants)
         total = max(total, r.total_weight)
+    if check_ratio is not None:  # a pass over the vector: off the loop that carries every transfer
+        await asyncio.get_running_loop().run_in_executor(None, _check_spans, mean, encoded, spans, group, check_ratio)
     return AverageResult(mean, tuple(sorted(participants)), total, sent)
+
+
+def _check_spans(mean: torch.Tensor, encoded: Encoded, spans, group: Group, ratio: float) -> None:
+    """Every span's mean is the claim of one owner: refuse the round (raise) if one is non-finite or
+    far larger than this member's own Δ over that span (aggregation.check_mean), so that a lying
+    owner makes the round fail here rather than poison this peer's global copy."""
+    mine = encoded.decode()
+    for i, (lo, hi) in enumerate(spans):
+        why = check_mean(mean[lo:hi], mine[lo:hi], ratio)
+        if why:
+            raise RuntimeError(f"refused the mean of span {i} owned by {group.members[i].peer_id[-8:]}: {why}")

@@ -17,26 +17,31 @@ from concurrent.futures import Future
 
 import torch
 
+from ..aggregation import AggregateConfig
 from ..averaging import AverageResult, Averager, SyncKey
 from ..codecs import Encoded
 from .config import SwarmConfig
 from . import libp2p, reachability
 from .control import ControlConfig, ControlPlane
 from . import servers
+from .adversary import Adversary
 from .channels import Channels
 from .dataplane import Identity, RoundBook, Servicer, allreduce
 from .servers import Servers
 from .loop import BackgroundLoop
 from .matchmaking import Member, form_group
 from .records import PROTOCOL_VERSION, PeerRecord
-from .state import StateError, download_state
+from .state import StateError, agreed, download_state
+
+VERIFY_DONORS = 3  # a newcomer downloads the state from this many donors at once and compares them
 
 log = logging.getLogger("p2pdiloco.network")
 
 
 class Network:
-    def __init__(self, cfg: SwarmConfig, config_hash: str, config_text: str, codec: str, state_provider):
-        self.cfg, self.config_hash, self.config_text = cfg, config_hash, config_text
+    def __init__(self, cfg: SwarmConfig, config_hash: str, config_text: str, codec: str, state_provider,
+                 aggregate: AggregateConfig = AggregateConfig()):
+        self.cfg, self.config_hash, self.config_text, self.aggregate = cfg, config_hash, config_text, aggregate
         self.loop = BackgroundLoop()
         self.control: ControlPlane | None = None
         self.servers: Servers | None = None
@@ -45,13 +50,19 @@ class Network:
         self._spare_means: dict[tuple[str, int], torch.Tensor] = {}  # see average()
         self.group_sizes: dict[int, int] = {}  # averages completed, by group size
         self.matchmaking_s: list[float] = []  # each completed average's wait for its group
+        self.averaged_with: set[str] = set()  # peers whose parts were in an average this peer applied
+        self.last_download_checked = 0  # other donors the last downloaded state was compared with
         self.status = {"state": "joining", "step": 0, "tokens": 0, "tokens_per_s": 0.0, "rounds": {}, "ends_at": 0.0}
         try:
             self.control = ControlPlane(ControlConfig(cfg.run_id, cfg.initial_peers, cfg.host, cfg.dht_port,
                                                       cfg.identity_path or None))
             self.peer_id = self.control.peer_id
             self.identity = Identity(cfg.run_id, config_hash, self.peer_id, codec)
-            self.book = RoundBook(self.identity, cfg.reduce_timeout_s)
+            self.book = RoundBook(self.identity, cfg.reduce_timeout_s, aggregate)
+            self.adversary = Adversary(cfg.adversary, seed=int.from_bytes(self.peer_id.encode()[-4:], "little")) if cfg.adversary else None
+            if self.adversary is not None:
+                log.warning("this peer is an ADVERSARY (%s): it lies to the others on purpose (bench attack)", cfg.adversary)
+                self.book.poison = self.adversary.mean
             self.channels = Channels(cfg.max_message_bytes)
             # 30 s to serve, plus reachability.py's probe: twice at most a DHT read (15 s) and two peers.
             self.address = self.loop.call(self._serve(state_provider), timeout=120)
@@ -137,30 +148,57 @@ class Network:
 
     async def average(self, key: SyncKey, encoded: Encoded, weight: float) -> AverageResult:
         c = self.cfg
+        if self.adversary is not None:
+            encoded, weight = self.adversary.part(key, encoded, weight)
         group = await form_group(self.control, key, self.me, self.training_peers, c.group_size, c.matchmaking_s)
         # The mean is decoded into the previous mean of the same fragment: the engine is done with a
         # mean before it submits that fragment's next average (streaming.py settles it first). An
         # average still running after its caller gave up took the buffer with it; this one then
         # gets a fresh one.
         spare = self._spare_means.pop((key.kind, key.index), None)
-        result = await allreduce(self.book, self.channels, group, encoded, weight, c.reduce_timeout_s, out=spare)
+        result = await allreduce(self.book, self.channels, group, encoded, weight, c.reduce_timeout_s, out=spare,
+                                 check_ratio=self.aggregate.check_ratio)
         self._spare_means[(key.kind, key.index)] = result.mean
         self.group_sizes[group.size] = self.group_sizes.get(group.size, 0) + 1
+        self.averaged_with.update(p for p in result.participants if p != self.peer_id)
         self.matchmaking_s.append(round(group.waited_s, 4))
         log.debug("%s %d round %d: averaged with %d peer(s) (matchmaking %.2fs)", key.kind, key.index, key.round,
                  len(result.participants), group.waited_s)
         return result
 
     def download(self, donors: list[PeerRecord], fragments: set[int] | None = None) -> bytes:
-        """The state of the first donor that gives a complete, verified copy."""
-        errors = []
-        for rec in random.sample(donors, len(donors)):
+        """The run's state, cross-checked: downloaded from up to `VERIFY_DONORS` donors at once, and
+        taken only if at least two of them agree on every global copy (state.agreed). A run with a
+        single live donor has nobody to compare with: its state is taken, with a warning."""
+        picked = random.sample(donors, min(len(donors), VERIFY_DONORS))
+        results = self.loop.call(self._download_all(picked, fragments), timeout=self.cfg.join_timeout_s + 5)
+        blobs, errors = {}, []
+        for rec, got in zip(picked, results):
+            if isinstance(got, bytes):
+                blobs[rec.peer_id] = got
+            else:
+                log.warning("state download from %s failed: %s", rec.peer_id[-8:], got)
+                errors.append(f"{rec.peer_id[-8:]}: {got}")
+        if not blobs:
+            raise StateError("no live peer gave this newcomer its state (" + "; ".join(errors) + ")")
+        if len(blobs) == 1:
+            if len(donors) > 1:
+                raise StateError(f"only 1 of {len(picked)} donors gave its state; no second copy to check it against "
+                                 f"({'; '.join(errors)})")
+            log.warning("one live donor: its state is taken without a second copy to check it against")
+            self.last_download_checked = 0
+            return next(iter(blobs.values()))
+        who, blob = agreed(blobs, fragments)
+        self.last_download_checked = len(blobs) - 1
+        return blob
+
+    async def _download_all(self, donors: list[PeerRecord], fragments: set[int] | None) -> list:
+        async def one(rec):
             try:
-                return self.loop.call(self._download(rec.address, fragments), timeout=self.cfg.join_timeout_s + 5)
-            except (StateError, TimeoutError, asyncio.TimeoutError) as exc:
-                log.warning("state download from %s failed: %s", rec.peer_id[-8:], exc)
-                errors.append(f"{rec.peer_id[-8:]}: {exc}")
-        raise StateError("no live peer gave this newcomer its state (" + "; ".join(errors) + ")")
+                return await self._download(rec.address, fragments)
+            except (StateError, asyncio.TimeoutError) as exc:
+                return exc
+        return await asyncio.gather(*(one(r) for r in donors))
 
     async def _download(self, address: str, fragments: set[int] | None) -> bytes:
         stub = self.channels.stub(address)  # channels belong to the loop: make them on it

@@ -62,7 +62,7 @@ class Peer:
         self._next_catch_up, self._missed_since = 0.0, {}
         try:
             self.net = Network(swarm, config_hash(cfg), describe_config(cfg), cfg.streaming.codec,
-                               self._state_for_newcomer)
+                               self._state_for_newcomer, cfg.aggregate)
         except SwarmStartError as exc:
             if swarm.join_dir and swarm.initial_peers:
                 raise SwarmStartError(f"{exc}. The addresses came from --join-dir {swarm.join_dir}: files of "
@@ -110,14 +110,22 @@ class Peer:
             donors = [r for r in same if r.state == "training" and r.rounds]
             if donors:
                 t0 = time.perf_counter()
-                blob = self.net.download(donors)
+                try:
+                    blob = self.net.download(donors)
+                except StateError as exc:  # donors that disagree (or failed): ask again, until --join-timeout
+                    if time.monotonic() > deadline:
+                        raise
+                    log.warning("state download: %s", exc)
+                    self.stopping.wait(0.5)
+                    continue
                 restore(self.worker, blob)
                 self._start_clock(donors)
                 w = self.worker
                 # A fragment whose average was in flight at the donor is a round behind in the copy.
                 w.missed = {f for f in range(len(w.offsets))
                             if w.applied_rounds.get(f, -1) < w.schedule.next_round(f, w.step) - 1}
-                self.out(f"[peer] downloaded the run's state ({len(blob):,} bytes, verified) in "
+                self.out(f"[peer] downloaded the run's state ({len(blob):,} bytes, checked against "
+                         f"{self.net.last_download_checked} other donor(s)) in "
                          f"{time.perf_counter() - t0:.1f}s; joining at step {self.worker.step}")
                 break
             if len(same) + 1 >= self.swarm.wait_for_peers:
@@ -278,6 +286,7 @@ class Peer:
                 "bytes_sent": w.bytes_sent, "peak_sync_bytes": w.peak_sync_bytes,
                 "data_parallel_bytes": self._data_parallel_bytes(w.step - step0),
                 "skipped_rounds": w.skipped_rounds, "group_sizes": dict(self.net.group_sizes),
+                "averaged_with": sorted(self.net.averaged_with),
                 "matchmaking_s": list(self.net.matchmaking_s), "wall_s": wall,
                 "compute_fraction": compute_s / max(wall - eval_s, 1e-9), "wait_s": w.wait_s, "eval_s": eval_s,
                 "device": str(self.device), "batch_size": cfg.batch_size, "micro_batch": hw.micro_batch,

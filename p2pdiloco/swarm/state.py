@@ -100,6 +100,47 @@ def catch_up(worker: Worker, blob: bytes, fragments: set[int]) -> list[int]:
     return updated
 
 
+def fingerprint(blob: bytes, fragments: set[int] | None = None) -> tuple:
+    """What donors of one run must agree on: per fragment, the last round applied and a hash of its
+    global copy and outer momentum (bit-identical on every peer that applied the same rounds). The
+    inner optimizer's moments and the step are each replica's own and are left out."""
+    try:
+        state = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
+        glob, outer, rounds = state["global"], state["outer"], state["applied_rounds"]
+        out = []
+        for f in sorted(glob):
+            if fragments is not None and f not in fragments:
+                continue
+            h = hashlib.sha256(glob[f].float().contiguous().numpy().tobytes())
+            buf = outer.get(f, {}).get("buf")
+            if isinstance(buf, torch.Tensor):
+                h.update(buf.float().contiguous().numpy().tobytes())
+            out.append((int(f), int(rounds.get(str(f), -1)), h.hexdigest()[:16]))
+        return tuple(out)
+    except Exception as exc:
+        raise StateError(f"state blob does not load: {exc}") from None
+
+
+def agreed(blobs: dict[str, bytes], fragments: set[int] | None = None) -> tuple[str, bytes]:
+    """The blob of a donor whose state at least one other donor matches exactly (fingerprint), the
+    fingerprint most donors share winning; StateError if no two donors agree. A lying donor is
+    then outvoted by honest ones, though not by a colluding majority (docs/swarm.md)."""
+    prints = {who: fingerprint(blob, fragments) for who, blob in blobs.items()}
+    counts: dict[tuple, int] = {}
+    for p in prints.values():
+        counts[p] = counts.get(p, 0) + 1
+    best = max(counts.items(), key=lambda kv: (kv[1], sum(r for _, r, _ in kv[0])))
+    if best[1] < 2:
+        raise StateError(f"the {len(blobs)} donors' states all differ (rounds in flight, or a donor lies); retrying")
+    who = next(w for w, p in prints.items() if p == best[0])
+    liars = [w[-8:] for w, p in prints.items() if p != best[0]]
+    if liars:
+        import logging
+        logging.getLogger("p2pdiloco.state").warning(
+            "donor(s) %s disagree with the majority of %d; their state is ignored", ", ".join(liars), best[1])
+    return who, blobs[who]
+
+
 def digest(blob: bytes) -> bytes:
     return hashlib.sha256(blob).digest()
 

@@ -1,0 +1,111 @@
+"""`p2pdiloco bench attack`: does one bad peer of four hurt the honest ones?
+
+For each scenario, 4 real peer processes on loopback train the same run (same seeds, each peer its
+own data shard); in an attack scenario the last peer to join is an adversary (swarm/adversary.py).
+A calm run of the same config is the reference. Reported per scenario: the honest peers' final
+eval loss, its ratio to the calm run's (the issue's target: ≤ 1.05, finite), whether the adversary's
+parts were in any average an honest peer applied, and the rounds the honest peers skipped.
+
+`--baseline` also runs every attack against peers that take the plain mean with no checks
+(`--aggregate mean --mean-check-ratio 0`): what the attack does to an undefended swarm.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from .swarm.adversary import KINDS
+from .swarm.local import PeerProcess
+
+# The issue's setting: the micro model, 240 steps, H = 20, P = 2 (a calm run of a few minutes here).
+TRAINING = ["--model", "micro", "--steps", "240", "--H", "20", "--fragments", "2", "--batch-size", "8",
+            "--seq-len", "64", "--eval-batches", "8", "--inner-lr", "6e-3", "--warmup-steps", "20",
+            "--outer-momentum", "0.5", "--threads", "1", "--workers", "4"]
+UNDEFENDED = ["--aggregate", "mean", "--mean-check-ratio", "0"]
+SCENARIOS = ("calm", "calm-mean") + KINDS
+
+
+def run_scenario(name: str, workdir: Path, peer_args: list[str], adversary: str = "", peers: int = 4,
+                 timeout_s: float = 900, echo=print) -> dict:
+    """One run of `peers` peer processes; the last is `adversary` if given. Returns each peer's summary."""
+    procs: list[PeerProcess] = []
+    start = time.monotonic()
+    quiet = lambda line: None  # noqa: E731 -- peers' logs are in their folders
+    try:
+        for i in range(peers):
+            args = [*peer_args, "--shard", str(i), "--wait-for-peers", str(peers), "--json", "summary.json",
+                    "--run-id", f"attack-{name}"]
+            if i:
+                args += ["--initial-peers", address]
+            if adversary and i == peers - 1:
+                args += ["--adversary", adversary]
+            procs.append(PeerProcess(f"peer{i}", args, workdir / name / f"peer{i}", quiet))
+            if i == 0:
+                address = procs[0].join_address(timeout=120)
+        for p in procs:
+            p.proc.wait(max(1.0, timeout_s - (time.monotonic() - start)))
+    finally:
+        for p in procs:
+            p.stop()
+    summaries = []
+    for p in procs:
+        s = p.summary()
+        if s is None:
+            raise RuntimeError(f"{name}: {p.name} failed (exit {p.proc.returncode}); see {p.workdir / 'peer.log'}")
+        summaries.append(s)
+    echo(f"[bench attack] {name}: eval loss " + " ".join(f"{s['eval_loss']:.4f}" for s in summaries)
+         + f" ({time.monotonic() - start:.0f}s)")
+    return {"peers": summaries, "wall_s": time.monotonic() - start}
+
+
+def summarize(run: dict, adversary: bool, calm: float | None) -> dict:
+    peers = run["peers"]
+    honest = peers[:-1] if adversary else peers
+    bad_id = peers[-1]["peer_id"] if adversary else None
+    losses = [s["eval_loss"] for s in honest]
+    worst = max(losses) if all(math.isfinite(x) for x in losses) else float("nan")
+    return {"honest_eval_loss": losses, "worst_honest_eval_loss": worst,
+            "ratio_to_calm": worst / calm if calm and math.isfinite(worst) else None,
+            "finite": all(math.isfinite(x) for x in losses),
+            "adversary_in_honest_averages": bool(bad_id) and any(bad_id in s.get("averaged_with", []) for s in honest),
+            "honest_skipped_rounds": [s["skipped_rounds"] for s in honest], "wall_s": round(run["wall_s"], 1)}
+
+
+def run_attack_bench(json_path: str, workdir: str, scenarios=SCENARIOS, extra_args: tuple = (), baseline: bool = False,
+                     echo=print) -> dict:
+    root = Path(workdir)
+    args = [*TRAINING, *extra_args]
+    result: dict = {"training": args, "scenarios": {}, "undefended": {}}
+    calm = None
+    for name in ("calm",) + tuple(s for s in scenarios if s != "calm"):
+        adversary = name if name in KINDS else ""
+        run = run_scenario(name, root, args + (UNDEFENDED if name == "calm-mean" else []), adversary, echo=echo)
+        if name == "calm":
+            calm = summarize(run, False, None)["worst_honest_eval_loss"]
+            result["calm_eval_loss"] = calm
+            result["eval_loss_initial"] = run["peers"][0]["eval_loss_initial"]
+        result["scenarios"][name] = summarize(run, bool(adversary), calm)
+        if baseline and adversary:
+            run = run_scenario(f"{name}-undefended", root, args + UNDEFENDED, adversary, echo=echo)
+            result["undefended"][name] = summarize(run, True, calm)
+        _write(json_path, result)
+    return result
+
+
+def _write(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def print_table(result: dict, out=print) -> None:
+    out(f"calm run: eval loss {result['calm_eval_loss']:.4f} (initial {result['eval_loss_initial']:.4f})")
+    out(f"{'scenario':16s} {'worst honest':>12s} {'÷ calm':>7s} {'adversary averaged':>19s} {'undefended ÷ calm':>18s}")
+    for name, s in result["scenarios"].items():
+        undefended = result["undefended"].get(name)
+        u = "-" if undefended is None else (f"{undefended['ratio_to_calm']:.3f}" if undefended["ratio_to_calm"]
+                                            else "NaN")
+        ratio = f"{s['ratio_to_calm']:.3f}" if s["ratio_to_calm"] else "NaN"
+        out(f"{name:16s} {s['worst_honest_eval_loss']:12.4f} {ratio:>7s} "
+            f"{'yes' if s['adversary_in_honest_averages'] else 'no':>19s} {u:>18s}")
