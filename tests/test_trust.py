@@ -77,3 +77,25 @@ def test_an_adversarial_peer_does_not_poison_the_honest_peers(swarm):
     assert max(losses) < 0.8 * honest[0]["eval_loss_initial"], losses
     assert len({round(x, 6) for x in losses}) == 1, losses  # one global model
     assert sum(s["group_sizes"].get("4", 0) for s in honest) > 0  # the rounds did happen, adversary included
+
+
+def _rec(peer: str, refused=()):
+    from p2pdiloco.swarm.records import PeerRecord
+    return PeerRecord(peer, "127.0.0.1:1", [], 3, "h", "c", "training", refused=list(refused))
+
+
+def test_a_peer_most_others_refuse_is_left_out_and_one_liar_cannot_exclude_anyone():
+    from p2pdiloco.swarm.network import excluded
+    honest = ["a", "b", "c"]
+    records = [_rec(p, ["evil"]) for p in honest] + [_rec("evil", ["a"])]
+    assert excluded(records, "a") == {"evil"}
+    assert excluded([_rec("a", ["evil"]), _rec("b"), _rec("c"), _rec("evil", ["a"])], "a") == set()  # 1 of 3
+    assert excluded([_rec("a", ["b"]), _rec("b")], "a") == {"b"}  # a pair: my own judgment
+
+
+def test_a_record_with_a_malformed_refused_list_is_refused():
+    from p2pdiloco.swarm.records import PeerRecord, RecordError
+    raw = _rec("a").to_dict()
+    for bad in ("evil", [1], ["x" * 200], ["p"] * 1000):
+        with pytest.raises(RecordError, match="refused"):
+            PeerRecord.from_dict({**raw, "refused": bad})

@@ -416,4 +416,13 @@ def _check_spans(mean: torch.Tensor, encoded: Encoded, spans, group: Group, rati
     for i, (lo, hi) in enumerate(spans):
         why = check_mean(mean[lo:hi], mine[lo:hi], ratio)
         if why:
-            raise RuntimeError(f"refused the mean of span {i} owned by {group.members[i].peer_id[-8:]}: {why}")
+            raise MeanRefused(group.members[i].peer_id, f"refused the mean of span {i} owned by "
+                                                        f"{group.members[i].peer_id[-8:]}: {why}")
+
+
+class MeanRefused(RuntimeError):
+    """A span's mean failed this member's check: the round fails here, and its owner is suspect."""
+
+    def __init__(self, owner: str, message: str):
+        super().__init__(message)
+        self.owner = owner

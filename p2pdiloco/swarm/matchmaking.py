@@ -101,10 +101,11 @@ def on_time(declarations: dict[str, tuple[str, float]], window_s: float,
 
 
 async def form_group(control, key: SyncKey, me: Member, expected, group_size: int, window_s: float,
-                     poll_s: float = 0.05, ttl_s: float = 120.0, clock=None) -> Group:
+                     poll_s: float = 0.05, ttl_s: float = 120.0, clock=None, excluded=frozenset) -> Group:
     """Declare myself for `key` and return my group once every expected peer has declared in the
     window, or the window has closed (see above). `expected()` gives the peer ids of live training
-    peers (a blocking DHT read). Every DHT call runs in the loop's executor; none blocks the data
+    peers (a blocking DHT read); `excluded()` the peers that most others refuse (network.py), whose
+    declarations do not count. Every DHT call runs in the loop's executor; none blocks the data
     plane. Raises LateForRound if this peer's declaration came after the window closed."""
     from .control import dht_time
     clock = clock or dht_time
@@ -117,7 +118,9 @@ async def form_group(control, key: SyncKey, me: Member, expected, group_size: in
     while True:
         declarations = await loop.run_in_executor(None, control.declarations, rkey, ttl_s)
         declarations[me.peer_id] = (me.address, mine)  # my own store may not be readable yet
-        timely, closes = on_time(declarations, window_s, mine)
+        out = excluded()  # nor do an excluded peer's declarations close the window
+        timely, closes = on_time({p: d for p, d in declarations.items() if p == me.peer_id or p not in out},
+                                 window_s, mine)
         if mine > closes:
             raise LateForRound(f"{key.kind} {key.index} round {key.round}: declared {mine - closes:.2f}s after its "
                                f"window closed ({window_s:.0f}s after the first peer); the others average without me")

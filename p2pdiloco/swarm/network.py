@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from concurrent.futures import Future
 
 import torch
@@ -26,11 +27,11 @@ from .control import ControlConfig, ControlPlane
 from . import servers
 from .adversary import Adversary
 from .channels import Channels
-from .dataplane import Identity, RoundBook, Servicer, allreduce
+from .dataplane import Identity, MeanRefused, RoundBook, Servicer, allreduce
 from .servers import Servers
 from .loop import BackgroundLoop
 from .matchmaking import Member, form_group
-from .records import PROTOCOL_VERSION, PeerRecord
+from .records import MAX_REFUSED, PROTOCOL_VERSION, PeerRecord
 from .state import StateError, agreed, download_state
 
 VERIFY_DONORS = 3  # a newcomer downloads the state from this many donors at once and compares them
@@ -52,6 +53,9 @@ class Network:
         self.matchmaking_s: list[float] = []  # each completed average's wait for its group
         self.averaged_with: set[str] = set()  # peers whose parts were in an average this peer applied
         self.last_download_checked = 0  # other donors the last downloaded state was compared with
+        self._refusals: dict[str, list[float]] = {}  # owner -> when its means failed my check
+        self.excluded: set[str] = set()  # peers most others refuse: left out of every group
+        self._excluded_said: set[str] = set()
         self.status = {"state": "joining", "step": 0, "tokens": 0, "tokens_per_s": 0.0, "rounds": {}, "ends_at": 0.0}
         try:
             self.control = ControlPlane(ControlConfig(cfg.run_id, cfg.initial_peers, cfg.host, cfg.dht_port,
@@ -106,7 +110,7 @@ class Network:
         return PeerRecord(self.peer_id, self.address, self.maddrs(), PROTOCOL_VERSION, self.config_hash,
                           self.config_text, s["state"], int(s["step"]), int(s["tokens"]),
                           float(s["tokens_per_s"]), {str(k): int(v) for k, v in s["rounds"].items()},
-                          float(s["ends_at"]))
+                          float(s["ends_at"]), self.refused())
 
     def publish(self) -> None:
         if not self.control.publish(self.record(), self.cfg.record_ttl_s):
@@ -141,7 +145,27 @@ class Network:
         return self.control.peers()
 
     def training_peers(self) -> list[str]:
-        return [r.peer_id for r in self.control.peers() if r.state == "training" and r.config_hash == self.config_hash]
+        """Live training peers of this run, less those most of the others refuse (`excluded`)."""
+        records = [r for r in self.control.peers() if r.state == "training" and r.config_hash == self.config_hash]
+        self.excluded = excluded(records, self.peer_id)
+        if self.excluded - self._excluded_said:
+            log.warning("leaving out peer(s) %s: most peers refused their means", ", ".join(sorted(self.excluded)))
+            self._excluded_said |= self.excluded
+        return [r.peer_id for r in records if r.peer_id not in self.excluded]
+
+    def refuse(self, owner: str) -> None:
+        """`owner`'s mean failed this peer's check: after REFUSE_AFTER such rounds in REFUSE_FOR_S,
+        this peer's record lists it as refused (and the others may leave it out)."""
+        now = time.monotonic()
+        times = [t for t in self._refusals.get(owner, []) if now - t < REFUSE_FOR_S] + [now]
+        self._refusals[owner] = times
+        if len(times) == REFUSE_AFTER:
+            log.warning("refusing peer %s: %d of its means failed this peer's check", owner[-8:], len(times))
+
+    def refused(self) -> list[str]:
+        now = time.monotonic()
+        return sorted(p for p, times in self._refusals.items()
+                      if len([t for t in times if now - t < REFUSE_FOR_S]) >= REFUSE_AFTER)[:MAX_REFUSED]
 
     def averager(self) -> Averager:
         return SwarmAverager(self)
@@ -150,14 +174,19 @@ class Network:
         c = self.cfg
         if self.adversary is not None:
             encoded, weight = self.adversary.part(key, encoded, weight)
-        group = await form_group(self.control, key, self.me, self.training_peers, c.group_size, c.matchmaking_s)
+        group = await form_group(self.control, key, self.me, self.training_peers, c.group_size, c.matchmaking_s,
+                                 excluded=lambda: self.excluded)
         # The mean is decoded into the previous mean of the same fragment: the engine is done with a
         # mean before it submits that fragment's next average (streaming.py settles it first). An
         # average still running after its caller gave up took the buffer with it; this one then
         # gets a fresh one.
         spare = self._spare_means.pop((key.kind, key.index), None)
-        result = await allreduce(self.book, self.channels, group, encoded, weight, c.reduce_timeout_s, out=spare,
-                                 check_ratio=self.aggregate.check_ratio)
+        try:
+            result = await allreduce(self.book, self.channels, group, encoded, weight, c.reduce_timeout_s, out=spare,
+                                     check_ratio=self.aggregate.check_ratio)
+        except MeanRefused as exc:
+            self.refuse(exc.owner)
+            raise
         self._spare_means[(key.kind, key.index)] = result.mean
         self.group_sizes[group.size] = self.group_sizes.get(group.size, 0) + 1
         self.averaged_with.update(p for p in result.participants if p != self.peer_id)
@@ -229,6 +258,26 @@ class Network:
         await self.channels.close()
         if self.p2p is not None:
             await self.p2p.shutdown()
+
+
+# A peer whose means fail my check this many times within REFUSE_FOR_S is listed as refused in my
+# record. Twice, not once: a single refusal may be a borderline honest mean; a lying owner fails
+# every round it owns a span in.
+REFUSE_AFTER, REFUSE_FOR_S = 2, 600.0
+
+
+def excluded(records: list[PeerRecord], me: str) -> set[str]:
+    """Peers that more than half of the other live training peers list as refused. One liar's
+    votes cannot exclude an honest peer in a swarm of three or more; in a pair, each peer trusts
+    its own judgment. A pure function of the records, so peers that read the same ones agree."""
+    out = set()
+    ids = {r.peer_id for r in records} | {me}
+    for p in ids:
+        voters = [r for r in records if r.peer_id != p]
+        votes = sum(1 for r in voters if p in r.refused)
+        if voters and 2 * votes > len(voters):
+            out.add(p)
+    return out
 
 
 class SwarmAverager(Averager):

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 # 3: addresses host:port+bulk port, Reduce on the bulk port (bulk.py).
 PROTOCOL_VERSION = 3
 STATES = ("joining", "training", "left")
+MAX_REFUSED = 256
 
 
 class RecordError(ValueError):
@@ -74,6 +75,9 @@ class PeerRecord:
     tokens_per_s: float = 0.0
     rounds: dict[str, int] = field(default_factory=dict)  # fragment index -> last round applied
     ends_at: float = 0.0  # time-budget runs: the Unix time the run ends (every peer adopts the first one's)
+    # Peers whose means this peer refused (aggregation.check_mean) more than once lately: a peer that
+    # most others refuse is left out of every group (network.py `excluded`).
+    refused: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,6 +116,9 @@ class PeerRecord:
         if not isinstance(self.rounds, dict) or not all(
                 isinstance(k, str) and isinstance(v, int) for k, v in self.rounds.items()):
             raise RecordError("peer record field 'rounds' must map fragment names to round numbers")
+        if not isinstance(self.refused, list) or len(self.refused) > MAX_REFUSED or not all(
+                isinstance(p, str) and 0 < len(p) <= 128 for p in self.refused):
+            raise RecordError(f"peer record field 'refused' must be a list of at most {MAX_REFUSED} peer ids")
         if self.address.startswith("p2p:"):  # reachable over libp2p only (libp2p.py)
             if len(self.address) < 10:
                 raise RecordError(f"peer record address '{self.address}' has no peer id")
