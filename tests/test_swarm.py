@@ -132,7 +132,7 @@ def test_a_newcomer_downloads_the_state_and_then_matches_the_others(swarm, text_
     second = swarm.start(*args, "--initial-peers", addr)
     second.wait_for(r"training from step 0", 120)
     newcomer = swarm.start(*args, "--initial-peers", second.join_address())
-    m = newcomer.wait_for(r"downloaded the run's state \(([\d,]+) bytes, verified\).*joining at step (\d+)", 120)
+    m = newcomer.wait_for(r"downloaded the run's state \(([\d,]+) bytes, verified: 2 donors agree\).*joining at step (\d+)", 120)
     assert int(m.group(2)) > 0
     for p in (first, second, newcomer):
         assert p.wait(180) == 0, p.output()

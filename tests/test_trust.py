@@ -37,8 +37,8 @@ def test_a_donor_that_disagrees_with_the_others_is_outvoted():
     honest = snapshot(w)
     w.step = 7  # a replica's own counters and inner moments are not compared
     other = snapshot(w)
-    who, blob = agreed({"honest-a": honest, "liar": _lying(honest), "honest-b": other})
-    assert who in ("honest-a", "honest-b")
+    who, blob, agreeing = agreed({"honest-a": honest, "liar": _lying(honest), "honest-b": other})
+    assert who in ("honest-a", "honest-b") and agreeing == 2
     assert fingerprint(blob) == fingerprint(honest) != fingerprint(_lying(honest))
 
 

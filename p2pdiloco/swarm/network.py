@@ -52,7 +52,7 @@ class Network:
         self.group_sizes: dict[int, int] = {}  # averages completed, by group size
         self.matchmaking_s: list[float] = []  # each completed average's wait for its group
         self.averaged_with: set[str] = set()  # peers whose parts were in an average this peer applied
-        self.last_download_checked = 0  # other donors the last downloaded state was compared with
+        self.last_download_agree = 0  # donors that agreed on the last downloaded state
         self._refusals: dict[str, list[float]] = {}  # owner -> when its means failed my check
         self.excluded: set[str] = set()  # peers most others refuse: left out of every group
         self._excluded_said: set[str] = set()
@@ -215,10 +215,10 @@ class Network:
                 raise StateError(f"only 1 of {len(picked)} donors gave its state; no second copy to check it against "
                                  f"({'; '.join(errors)})")
             log.warning("one live donor: its state is taken without a second copy to check it against")
-            self.last_download_checked = 0
+            self.last_download_agree = 1
             return next(iter(blobs.values()))
-        who, blob = agreed(blobs, fragments)
-        self.last_download_checked = len(blobs) - 1
+        _, blob, agreeing = agreed(blobs, fragments)
+        self.last_download_agree = agreeing
         return blob
 
     async def _download_all(self, donors: list[PeerRecord], fragments: set[int] | None) -> list:

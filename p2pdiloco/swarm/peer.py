@@ -124,8 +124,9 @@ class Peer:
                 # A fragment whose average was in flight at the donor is a round behind in the copy.
                 w.missed = {f for f in range(len(w.offsets))
                             if w.applied_rounds.get(f, -1) < w.schedule.next_round(f, w.step) - 1}
-                self.out(f"[peer] downloaded the run's state ({len(blob):,} bytes, checked against "
-                         f"{self.net.last_download_checked} other donor(s)) in "
+                agree = self.net.last_download_agree
+                self.out(f"[peer] downloaded the run's state ({len(blob):,} bytes, verified: "
+                         f"{f'{agree} donors agree' if agree > 1 else 'one donor, nobody to compare with'}) in "
                          f"{time.perf_counter() - t0:.1f}s; joining at step {self.worker.step}")
                 break
             if len(same) + 1 >= self.swarm.wait_for_peers:

@@ -121,9 +121,9 @@ def fingerprint(blob: bytes, fragments: set[int] | None = None) -> tuple:
         raise StateError(f"state blob does not load: {exc}") from None
 
 
-def agreed(blobs: dict[str, bytes], fragments: set[int] | None = None) -> tuple[str, bytes]:
+def agreed(blobs: dict[str, bytes], fragments: set[int] | None = None) -> tuple[str, bytes, int]:
     """The blob of a donor whose state at least one other donor matches exactly (fingerprint), the
-    fingerprint most donors share winning; StateError if no two donors agree. A lying donor is
+    fingerprint most donors share winning, and how many donors share it; StateError if no two agree. A lying donor is
     then outvoted by honest ones, though not by a colluding majority (docs/swarm.md)."""
     prints = {who: fingerprint(blob, fragments) for who, blob in blobs.items()}
     counts: dict[tuple, int] = {}
@@ -138,7 +138,7 @@ def agreed(blobs: dict[str, bytes], fragments: set[int] | None = None) -> tuple[
         import logging
         logging.getLogger("p2pdiloco.state").warning(
             "donor(s) %s disagree with the majority of %d; their state is ignored", ", ".join(liars), best[1])
-    return who, blobs[who]
+    return who, blobs[who], best[1]
 
 
 def digest(blob: bytes) -> bytes:
