@@ -35,7 +35,8 @@ log = logging.getLogger("p2pdiloco.network")
 
 
 class Network:
-    def __init__(self, cfg: SwarmConfig, config_hash: str, config_text: str, codec: str, state_provider):
+    def __init__(self, cfg: SwarmConfig, config_hash: str, config_text: str, codec: str, state_provider,
+                 status: dict | None = None):
         self.cfg, self.config_hash, self.config_text = cfg, config_hash, config_text
         self.loop = BackgroundLoop()
         self.control: ControlPlane | None = None
@@ -46,6 +47,7 @@ class Network:
         self.group_sizes: dict[int, int] = {}  # averages completed, by group size
         self.matchmaking_s: list[float] = []  # each completed average's wait for its group
         self.status = {"state": "joining", "step": 0, "tokens": 0, "tokens_per_s": 0.0, "rounds": {}, "ends_at": 0.0}
+        self.status.update(status or {})  # a resumed peer's counters, in its very first record
         try:
             self.control = ControlPlane(ControlConfig(cfg.run_id, cfg.initial_peers, cfg.host, cfg.dht_port,
                                                       cfg.identity_path or None))
