@@ -228,3 +228,40 @@ def test_a_killed_swarm_resumes_from_its_checkpoints(swarm, text_file):
         models.append(torch.load(path, weights_only=True)["model"])
     for name in models[0]:
         torch.testing.assert_close(models[0][name], models[1][name], rtol=0, atol=0)
+
+
+def test_a_rejoining_peer_takes_the_swarms_state_and_keeps_its_own(text_file, small_corpus):
+    from p2pdiloco.swarm.state import load_worker_state, rejoin, snapshot, worker_state
+
+    cfg = sim_config(text_file)
+    sim = trained(cfg, 8, small_corpus)
+    mine = worker_state(sim.workers[1])  # this peer's checkpoint, a few steps behind the swarm
+    sim2 = trained(cfg, 20, small_corpus)
+    donor = sim2.workers[0]
+    peer = Simulation(cfg, small_corpus).workers[1]
+    load_worker_state(peer, mine)
+    drift = [v.read() - g for v, g in zip(peer.views, peer.global_params)]
+    rejoin(peer, snapshot(donor))
+    assert peer.step == donor.step and peer.applied_rounds == donor.applied_rounds  # the schedule's place
+    for f, (g, d) in enumerate(zip(peer.global_params, donor.global_params)):
+        torch.testing.assert_close(g, d, rtol=0, atol=0)
+        torch.testing.assert_close(peer.outer[f].buf, donor.outer[f].buf, rtol=0, atol=0)
+        torch.testing.assert_close(peer.views[f].read() - g, drift[f], rtol=0, atol=1e-5)  # its own progress
+        torch.testing.assert_close(peer.residuals[f], mine["residuals"][f], rtol=0, atol=0)
+    assert peer.tokens == mine["counters"]["tokens"] != donor.tokens
+    exp_avg = next(iter(peer.inner.opt.state.values()))["exp_avg"]
+    torch.testing.assert_close(exp_avg, next(iter(mine["inner"]["state"].values()))["exp_avg"], rtol=0, atol=0)
+
+
+def test_the_options_reach_the_config_and_bench_resume_passes_peer_options_on():
+    from p2pdiloco.cli import build_parser
+    from p2pdiloco.swarm.cli import peer_configs
+
+    args, rest = build_parser().parse_known_args(["peer", "--checkpoint-every", "25", "--resume", "auto"])
+    _, swarm, _ = peer_configs(args)
+    assert (swarm.checkpoint_every, swarm.resume) == (25, "auto")
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        replace(swarm, checkpoint_every=-1).validate(4)
+    args, rest = build_parser().parse_known_args(["bench", "resume", "--stop-at", "5", "--json", "r.json",
+                                                  "--steps", "30", "--H", "6"])
+    assert (args.stop_at, args.json, rest) == (5, "r.json", ["--steps", "30", "--H", "6"])
