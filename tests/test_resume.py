@@ -265,3 +265,21 @@ def test_the_options_reach_the_config_and_bench_resume_passes_peer_options_on():
     args, rest = build_parser().parse_known_args(["bench", "resume", "--stop-at", "5", "--json", "r.json",
                                                   "--steps", "30", "--H", "6"])
     assert (args.stop_at, args.json, rest) == (5, "r.json", ["--steps", "30", "--H", "6"])
+
+
+def test_a_time_budget_run_resumes_with_the_time_it_had_left(swarm, text_file):
+    args = [*TINY, "--data", str(text_file), "--steps", "100000", "--round-seconds", "3", "--duration", "24",
+            "--checkpoint-every", "10", "--json", "s.json"]
+    peer = swarm.start(*args, name="a")
+    peer.wait_for(r"checkpoint at step (1[1-9]|[2-9]\d)", 120)  # the second one at least: time has passed
+    peer.kill_group()
+    (path,) = list((peer.cwd / "checkpoints" / "p2pdiloco").glob("*.pt"))
+    saved = torch.load(path, weights_only=True)
+    left = saved["clock_left_s"]
+    assert 0 < left < 24
+    again = swarm.start(*args, "--resume", "auto", name="a")
+    assert int(again.wait_for(r"resumed from \S+ at step (\d+)", 120).group(1)) == saved["worker"]["step"]
+    ends_in = int(again.wait_for(r"the run ends in (\d+)s", 120).group(1))
+    assert ends_in <= round(left) + 1, (ends_in, left)  # the clock goes on from the checkpoint, not from 24 s
+    assert again.wait(120) == 0, again.output()
+    assert json.loads((again.cwd / "s.json").read_text())["completed"]
