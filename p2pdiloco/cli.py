@@ -1,4 +1,5 @@
-"""The `p2pdiloco` command: simulate, peer, status, local-swarm, bench quality, bench allreduce, bench wan.
+"""The `p2pdiloco` command: simulate, peer, status, local-swarm, bench quality, bench allreduce, bench wan,
+bench resume.
 
 Errors in configs or input print one line that says what to fix and exit with status 2;
 Ctrl-C stops with status 130 and keeps what was already written.
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     attack.set_defaults(threads=0)
     from .wan.cli import add_parser as add_bench_wan_parser
     add_bench_wan_parser(bench_sub)
+    from .bench_resume import add_parser as add_bench_resume_parser
+    add_bench_resume_parser(bench_sub)
 
     from .swarm.cli import add_local_swarm_parser, add_peer_parser
     add_peer_parser(sub)
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "local-swarm":
+    if rest and args.command != "local-swarm" and getattr(args, "bench", None) != "resume":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -86,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             return bench_allreduce(args)
         if args.bench == "attack":
             return _bench_attack(args)
+        if args.bench == "resume":  # the options it does not know go to every peer
+            from .bench_resume import cli as bench_resume
+            return bench_resume(args, rest)
         if args.bench == "wan":
             from .wan.cli import cli as bench_wan
             return bench_wan(args)

@@ -154,6 +154,20 @@ class ShardSampler:
     def _shuffle(self) -> np.ndarray:
         return np.random.default_rng([self.corpus.cfg.seed, 17, self.worker, self.epoch]).permutation(self.windows)
 
+    def state(self) -> dict:
+        """Where the walk is (a checkpoint's data position): the order's seed, epoch and position."""
+        return {"stream": int(self.worker), "epoch": self.epoch, "pos": self.pos, "windows": len(self.windows)}
+
+    def load_state(self, state: dict) -> None:
+        """Continue a walk saved by `state()`: the next batch is the one that walk would have drawn."""
+        if int(state["windows"]) != len(self.windows):
+            raise ValueError(f"the saved data position is in a shard of {state['windows']} windows, this one has "
+                             f"{len(self.windows)}: the data, --seq-len, --shard or --workers changed")
+        self.worker, self.epoch, self.pos = int(state["stream"]), int(state["epoch"]), int(state["pos"])
+        self._order = self._shuffle()
+        if not 0 <= self.pos <= len(self._order):
+            raise ValueError(f"the saved data position {self.pos} is outside the shard's {len(self._order)} windows")
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         picked = []
         while len(picked) < self.batch_size:

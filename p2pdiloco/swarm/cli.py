@@ -38,6 +38,10 @@ SWARM_OPTIONS: list[tuple[str, str, dict]] = [
     ("--max-message-mb", "max_message_mb", {"type": int}),
     ("--shard", "shard", {"type": int, "help": "data shard in [0, --workers); default: a random order of all data"}),
     ("--checkpoint-dir", "checkpoint_dir", {}),
+    ("--checkpoint-every", "checkpoint_every", {"type": int, "metavar": "STEPS", "help": "write a checkpoint every "
+                                                "this many steps, atomically (default 0: only when leaving)"}),
+    ("--resume", "resume", {"metavar": "PATH|auto", "help": "continue from a checkpoint; auto: the newest of "
+                            "this run under --checkpoint-dir (this peer's own with --identity), none: start fresh"}),
     ("--eval-every-seconds", "eval_every_s", {"type": float, "help": "evaluate the global model this often "
                                               "for the summary's loss-against-wall-clock curve (default: start and end)"}),
     ("--json", "summary_json", {"metavar": "FILE", "help": "write the peer's summary here at the end"}),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -34,6 +35,10 @@ class SwarmConfig:
     max_message_mb: int = 256  # largest data-plane message accepted, in MiB
     shard: int = -1  # data shard index in [0, workers); -1: a peer-specific random order over all data
     checkpoint_dir: str = "checkpoints"
+    # Write a checkpoint every this many inner steps (checkpoint.py; 0: only when leaving). Steps, not
+    # seconds: the peers of a run then checkpoint at the same steps, so a stopped run resumes together.
+    checkpoint_every: int = 0
+    resume: str = ""  # a checkpoint file, or "auto": the newest of this run under checkpoint_dir ("" : none)
     summary_json: str = ""  # where to write the peer's summary at the end ("" : none)
     adversary: str = ""  # bench attack only: lie to the other peers this way (adversary.py); "": honest
     eval_every_s: float = 0.0  # evaluate the global model this often (wall-clock seconds) for the summary's curve; 0: start and end only
@@ -71,6 +76,11 @@ class SwarmConfig:
                              f"({self.heartbeat_s}), or live peers flicker out of the swarm")
         if self.eval_every_s < 0:
             raise ValueError(f"swarm.eval_every_s must be ≥ 0 (0: evaluate at the start and end only), got {self.eval_every_s}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"swarm.checkpoint_every must be ≥ 0 steps (0: only when leaving), got {self.checkpoint_every}")
+        if self.resume and self.resume != "auto" and not Path(self.resume).is_file():
+            raise ValueError(f"swarm.resume: '{self.resume}' is not a file; give a checkpoint "
+                             f"(<checkpoint-dir>/<run id>/<peer id>.pt) or 'auto'")
         if self.group_size < 2 or self.wait_for_peers < 1 or self.max_message_mb < 1:
             raise ValueError("swarm.group_size must be ≥ 2, swarm.wait_for_peers ≥ 1 and swarm.max_message_mb ≥ 1")
         if self.adversary:

@@ -41,7 +41,7 @@ log = logging.getLogger("p2pdiloco.network")
 
 class Network:
     def __init__(self, cfg: SwarmConfig, config_hash: str, config_text: str, codec: str, state_provider,
-                 aggregate: AggregateConfig = AggregateConfig()):
+                 aggregate: AggregateConfig = AggregateConfig(), status: dict | None = None):
         self.cfg, self.config_hash, self.config_text, self.aggregate = cfg, config_hash, config_text, aggregate
         self.loop = BackgroundLoop()
         self.control: ControlPlane | None = None
@@ -57,6 +57,7 @@ class Network:
         self.excluded: set[str] = set()  # peers most others refuse: left out of every group
         self._excluded_said: set[str] = set()
         self.status = {"state": "joining", "step": 0, "tokens": 0, "tokens_per_s": 0.0, "rounds": {}, "ends_at": 0.0}
+        self.status.update(status or {})  # a resumed peer's counters, in its very first record
         try:
             self.control = ControlPlane(ControlConfig(cfg.run_id, cfg.initial_peers, cfg.host, cfg.dht_port,
                                                       cfg.identity_path or None))

@@ -26,12 +26,13 @@ from ..model import Transformer, model_config
 from ..simulate import SimConfig, _check_vocab, evaluate, write_json
 from ..schedule import ClockSchedule
 from ..streaming import Worker
+from . import checkpoint as ckpts
 from . import joindir
 from .config import SwarmConfig
 from .control import SwarmStartError
 from .network import Network
 from .records import config_hash, describe_config
-from .state import StateError, catch_up, restore, snapshot
+from .state import StateError, catch_up, rejoin, restore, snapshot
 
 log = logging.getLogger("p2pdiloco.peer")
 
@@ -60,9 +61,14 @@ class Peer:
         self.val = self.corpus.val_batches(cfg.batch_size, cfg.eval_batches)
         self.stopping = threading.Event()
         self._next_catch_up, self._missed_since = 0.0, {}
+        # --resume: read and check the checkpoint before going online, so the first record says where it is.
+        self.resumed = ckpts.open_for_resume(self.cfg, self.swarm) if self.swarm.resume else None
+        if self.swarm.resume and self.resumed is None:
+            out(f"[peer] --resume auto: no checkpoint of run '{self.swarm.run_id}' under {ckpts.run_dir(self.swarm)} "
+                f"that no live peer holds; starting as a new peer")
         try:
             self.net = Network(swarm, config_hash(cfg), describe_config(cfg), cfg.streaming.codec,
-                               self._state_for_newcomer, cfg.aggregate)
+                               self._state_for_newcomer, cfg.aggregate, status=self._resumed_status())
         except SwarmStartError as exc:
             if swarm.join_dir and swarm.initial_peers:
                 raise SwarmStartError(f"{exc}. The addresses came from --join-dir {swarm.join_dir}: files of "
@@ -76,6 +82,7 @@ class Peer:
             stream = None if swarm.shard >= 0 else int.from_bytes(self.net.peer_id.encode()[-8:], "little")
             self.sampler = ShardSampler(self.corpus, shard, workers, cfg.batch_size, stream=stream)
             self._check_message_size()
+            self._setup_checkpoints()
         except BaseException:
             self.net.close()
             raise
@@ -118,7 +125,7 @@ class Peer:
                     log.warning("state download: %s", exc)
                     self.stopping.wait(0.5)
                     continue
-                restore(self.worker, blob)
+                (rejoin if self.resumed else restore)(self.worker, blob)  # a resumed peer keeps what is its own
                 self._start_clock(donors)
                 w = self.worker
                 # A fragment whose average was in flight at the donor is a round behind in the copy.
@@ -127,9 +134,9 @@ class Peer:
                 agree = self.net.last_download_agree
                 self.out(f"[peer] downloaded the run's state ({len(blob):,} bytes, verified: "
                          f"{f'{agree} donors agree' if agree > 1 else 'one donor, nobody to compare with'}) in "
-                         f"{time.perf_counter() - t0:.1f}s; joining at step {self.worker.step}")
+                         f"{time.perf_counter() - t0:.1f}s; {'re' if self.resumed else ''}joining at step {self.worker.step}")
                 break
-            if len(same) + 1 >= self.swarm.wait_for_peers:
+            if len(same) + 1 >= self.swarm.wait_for_peers and not self._defers_to(same):
                 break
             self._check_deadline(deadline, len(same) + 1, "came")
             self.stopping.wait(0.2)
@@ -152,7 +159,8 @@ class Peer:
         s, w = self.cfg.streaming, self.worker
         if not s.round_s or isinstance(w.schedule, ClockSchedule):
             return False
-        ends = max((r.ends_at for r in records if r.ends_at > 0), default=0.0) or time.time() + s.duration_s
+        left = s.duration_s if self._clock_left_s is None else self._clock_left_s  # a resumed run: what it had left
+        ends = max((r.ends_at for r in records if r.ends_at > 0), default=0.0) or time.time() + left
         w.schedule = ClockSchedule(w.offsets, s.H, w.inner.total_steps, ends - s.duration_s, s.round_s, s.duration_s)
         self.net.status["ends_at"] = ends
         self.out(f"[peer] time-budget rounds: every fragment syncs each {s.round_s:g}s; the run ends in "
@@ -208,6 +216,67 @@ class Peer:
         """Called on the network thread; the copy runs in its executor so the loop keeps serving."""
         import asyncio
         return await asyncio.get_running_loop().run_in_executor(None, snapshot, self.worker, fragments)
+
+    # ---- checkpoints and resume (checkpoint.py)
+    def _resumed_status(self) -> dict | None:
+        if self.resumed is None:
+            return None
+        w = self.resumed.data["worker"]
+        return {"step": int(w["step"]), "tokens": int(w["counters"]["tokens"]),
+                "rounds": {int(k): int(v) for k, v in w["applied_rounds"].items()}}
+
+    def _setup_checkpoints(self) -> None:
+        """Load the checkpoint opened before the network started; claim the file this peer's
+        checkpoints go to: the one it resumed (one file per peer in a folder they share), else its own."""
+        r, folder, w = self.resumed, ckpts.run_dir(self.swarm), self.worker
+        self._clock_left_s = None
+        if r is not None:
+            ckpts.apply(r.data, w, self.sampler)
+            self._clock_left_s, r.data = r.data["clock_left_s"], None
+            self.out(f"[peer] resumed from {r.path} at step {w.step} ({w.tokens:,} tokens, rounds "
+                     f"{dict(sorted(w.applied_rounds.items()))})", flush=True)
+        if r is not None and r.path.parent.resolve() == folder.resolve():
+            self._slot = r.slot
+        else:
+            if r is not None:
+                r.slot.release()
+            path = folder / f"{self.net.peer_id}.pt"
+            try:
+                self._slot = ckpts.Slot.claim(path)
+            except OSError as exc:  # as before resuming existed: the write at the end will say it failed
+                log.warning("cannot lock the checkpoint %s (%s); writing it may fail too", path, exc)
+                self._slot = ckpts.Slot(path, -1)
+            if self._slot is None:
+                raise ckpts.CheckpointError(f"the checkpoint {path} is held by another live peer: do two peers "
+                                            f"share one --identity?")
+        path = self._slot.path
+        ckpts.remove_stale_temporaries(path)
+        self._writer = ckpts.Writer(path, self.out)
+        every = self.swarm.checkpoint_every
+        self._next_checkpoint = (w.step // every + 1) * every if every else 0
+
+    def _defers_to(self, same) -> bool:
+        """Restarting a stopped run: the joining peer with the newest state (a resumed checkpoint's
+        step, then peer id) restarts it, and the others wait until it trains to take its state
+        (join's donors); a peer with no state waits for any peer that has some."""
+        mine = (self.worker.step, self.net.peer_id) if self.resumed else None
+        return any(r.rounds and (mine is None or (r.step, r.peer_id) > mine) for r in same if r.state == "joining")
+
+    def _capture(self) -> dict:
+        sched = self.worker.schedule
+        left = max(0.0, sched.epoch + sched.duration_s - time.time()) if isinstance(sched, ClockSchedule) else None
+        return ckpts.capture(self.worker, self.sampler, self.cfg, self.swarm, self.net.peer_id, left)
+
+    def _maybe_checkpoint(self) -> None:
+        """Every --checkpoint-every steps, at the first step with no mean in flight (nothing then
+        needs catching up after a resume) and the previous write done. Only the copy happens here."""
+        w = self.worker
+        if not self._next_checkpoint or w.step < self._next_checkpoint or w.in_flight or self._writer.busy():
+            return
+        self._next_checkpoint = (w.step // self.swarm.checkpoint_every + 1) * self.swarm.checkpoint_every
+        t0 = time.perf_counter()
+        self._writer.start(self._capture())
+        log.debug("checkpoint copy at step %d took %.3fs", w.step, time.perf_counter() - t0)
 
     # ---- training
     def run(self) -> dict:
@@ -267,6 +336,7 @@ class Peer:
                 next_eval = elapsed + self.swarm.eval_every_s
             status.update(step=w.step, tokens=w.tokens, tokens_per_s=(w.tokens - tokens0) / max(elapsed, 1e-9),
                           rounds=dict(w.applied_rounds))
+            self._maybe_checkpoint()
             if elapsed - last_report > 10:
                 last_report = elapsed
                 self._report(loss)
@@ -321,13 +391,8 @@ class Peer:
         signal.signal(signal.SIGTERM, stop)
 
     def checkpoint(self) -> Path:
-        path = Path(self.swarm.checkpoint_dir) / self.swarm.run_id / f"{self.net.peer_id}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"model": self.worker.load_global_into(self.eval_model).state_dict(),
-                    "state": snapshot(self.worker), "config": describe_config(self.cfg)}, tmp)
-        os.replace(tmp, path)
-        return path
+        """Write a checkpoint now (when leaving), after the periodic one being written, if any."""
+        return self._writer.write_now(self._capture())
 
     def close(self) -> None:
         try:

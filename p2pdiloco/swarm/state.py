@@ -1,4 +1,4 @@
-"""A peer's shareable state: what a newcomer downloads, and what a checkpoint holds.
+"""A peer's shareable state: what a newcomer downloads; and a worker's whole state, for a checkpoint.
 
 The state is the global parameters of every fragment, the outer optimizer's momentum, the inner
 optimizer's moments, and the counters that place the peer in the schedule (step, applied rounds).
@@ -53,6 +53,10 @@ def _load(worker: Worker, blob: bytes) -> dict:
         state = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
     except Exception as exc:
         raise StateError(f"state blob does not load: {exc}") from None
+    return _check(worker, state)
+
+
+def _check(worker: Worker, state) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise StateError(f"state format {state.get('format') if isinstance(state, dict) else '?'} != {FORMAT}")
     glob, mine = state["global"], worker.global_params
@@ -139,6 +143,88 @@ def agreed(blobs: dict[str, bytes], fragments: set[int] | None = None) -> tuple[
         logging.getLogger("p2pdiloco.state").warning(
             "donor(s) %s disagree with the majority of %d; their state is ignored", ", ".join(liars), best[1])
     return who, blobs[who], best[1]
+
+
+def rejoin(worker: Worker, blob: bytes) -> None:
+    """A peer resumed from its checkpoint joins a live swarm: it takes the swarm's shared state
+    (global parameters, outer momentum, step and round counters: the schedule's place) from the
+    donor's full snapshot, and keeps its own — the replica's progress since its last sync (rebased
+    as in `catch_up`), inner moments, error-feedback residuals, token counts, and (peer.py) its
+    data position."""
+    state = _load(worker, blob)
+    glob = [state["global"].get(i) for i in range(len(worker.global_params))]
+    if any(g is None for g in glob):
+        raise StateError("the donor sent a partial state to a rejoining peer")
+    with worker.lock:
+        for f, new in enumerate(glob):
+            new = new.float()
+            worker.views[f].write(worker.views[f].read() + (new - worker.global_params[f]))
+            worker.global_params[f] = new.clone()
+            worker.outer[f].load_state_dict(state["outer"][f])
+        worker.applied_rounds = {int(k): int(v) for k, v in state["applied_rounds"].items()}
+        worker.step = int(state["step"])
+
+
+def worker_state(worker: Worker) -> dict:
+    """Everything of a worker, for a checkpoint (checkpoint.py): the shareable state plus what is
+    this peer's own — its replica, error-feedback residuals and counters. Taken on the training
+    thread between steps, so nothing changes under it; the lock keeps a newcomer's snapshot out.
+    A mean still in flight cannot be resumed: it is saved as a failed round (its tokens and its
+    residual go to the fragment's next Δ, and the fragment is marked missed, to catch up)."""
+    with worker.lock:
+        residuals = None if worker.residuals is None else [r.clone() for r in worker.residuals]
+        tokens_since = list(worker.tokens_since)
+        for f, sync in worker.in_flight.items():
+            tokens_since[f] += int(sync.weight)
+            if sync.residual_before is not None and residuals is not None:
+                residuals[f] = sync.residual_before.clone()
+        return {
+            "format": FORMAT,
+            "step": worker.step,
+            "global": {i: g.clone() for i, g in enumerate(worker.global_params)},
+            "outer": {i: o.state_dict() for i, o in enumerate(worker.outer)},
+            "applied_rounds": {str(k): v for k, v in worker.applied_rounds.items()},
+            "inner": copy.deepcopy(worker.inner.opt.state_dict()),
+            "replica": [v.read() for v in worker.views],
+            "residuals": residuals,
+            "missed": sorted(worker.missed | set(worker.in_flight)),
+            "counters": {"tokens": worker.tokens, "tokens_since": tokens_since,
+                         "skipped_rounds": worker.skipped_rounds, "bytes_sent": worker.bytes_sent,
+                         "peak_sync_bytes": worker.peak_sync_bytes,
+                         "peak_fragment_sync_bytes": worker.peak_fragment_sync_bytes,
+                         "sync_bytes": {str(k): list(v) for k, v in worker.sync_bytes.items()}},
+        }
+
+
+def load_worker_state(worker: Worker, state: dict) -> None:
+    """The inverse of `worker_state`, on a worker built from the same config (checked here by shape)."""
+    _check(worker, state)
+    n = len(worker.global_params)
+    if len(state["global"]) != n or len(state["replica"]) != n or len(state["outer"]) != n:
+        raise StateError(f"the checkpoint holds {len(state['global'])} fragments, this peer's model {n}")
+    for f, flat in enumerate(state["replica"]):
+        if flat.shape != worker.global_params[f].shape:
+            raise StateError("the checkpoint's replica does not match this peer's model: is the config the same?")
+    c = state["counters"]
+    with worker.lock:
+        worker.step = int(state["step"])
+        worker.global_params = [state["global"][i].float().clone() for i in range(n)]
+        for i, outer in enumerate(worker.outer):
+            outer.load_state_dict(state["outer"][i])
+        worker.inner.opt.load_state_dict(state["inner"])
+        worker.applied_rounds = {int(k): int(v) for k, v in state["applied_rounds"].items()}
+        for view, flat in zip(worker.views, state["replica"]):
+            view.write(flat.float())
+        if worker.residuals is not None:  # a run without error feedback before starts with none to carry
+            saved = state["residuals"]
+            worker.residuals = [r.float().clone() for r in saved] if saved else [torch.zeros_like(r) for r in worker.residuals]
+        worker.missed = {int(f) for f in state["missed"]}
+        worker.tokens, worker.tokens_since = int(c["tokens"]), [int(t) for t in c["tokens_since"]]
+        worker.skipped_rounds, worker.bytes_sent = int(c["skipped_rounds"]), int(c["bytes_sent"])
+        worker.peak_sync_bytes = int(c["peak_sync_bytes"])
+        worker.peak_fragment_sync_bytes = int(c["peak_fragment_sync_bytes"])
+        worker.sync_bytes = {(int(k) if k.isdigit() else k): [int(x) for x in v] for k, v in c["sync_bytes"].items()}
+        worker.in_flight.clear()
 
 
 def digest(blob: bytes) -> bytes:
