@@ -81,6 +81,13 @@ def _watched_dht_class():
 
     class WatchedDHT(hivemind.DHT):
         def run(self) -> None:
+            # The fork inherits the peer's handlers ("finish the step, then leave"). SIGTERM: die, as
+            # before they were installed (a handler would keep this process alive without its p2pd
+            # after a signal to the process group). SIGINT: ignored, as hivemind sets it a little
+            # later anyway (and p2pd, started after, inherits that: Ctrl-C leaves the DHT running
+            # for the peer's own, orderly shutdown).
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             die_with_parent(self._peer_pid)
             super().run()
 
@@ -204,7 +211,8 @@ class ControlPlane:
         """Stop the DHT process and its p2pd, in at most about timeout_s + 2 seconds: hivemind's own
         shutdown (on a thread, since it may block), then SIGKILL for whatever is left."""
         start = time.monotonic()
-        if self.gone() is None:
+        why = self.gone()
+        if why is None:
             def stop() -> None:
                 try:
                     self.dht.shutdown()
@@ -213,8 +221,9 @@ class ControlPlane:
             stopper = threading.Thread(target=stop, name="p2pdiloco-dht-shutdown", daemon=True)
             stopper.start()
             stopper.join(timeout_s)
-        if self.dht.is_alive():
-            log.warning("the DHT process did not stop within %.0fs; killing it", timeout_s)
+        if self.dht.is_alive():  # stuck, or of no use without its p2pd (a signal to the process group)
+            if why is None:
+                log.warning("the DHT process did not stop within %.0fs; killing it", timeout_s)
             self.dht.kill()
             self.dht.join(1.0)
         self._stop_p2pd()
