@@ -98,6 +98,7 @@ def _watched_dht_class():
 class ControlPlane:
     def __init__(self, cfg: ControlConfig):
         self.cfg = cfg
+        self._malformed: set[tuple] = set()
         kwargs = {"host_maddrs": [f"/ip4/{cfg.host}/tcp/{cfg.port}"], "wait_timeout": cfg.dht_timeout_s}
         if cfg.identity_path:
             kwargs["identity_path"] = cfg.identity_path
@@ -175,7 +176,11 @@ class ControlPlane:
             try:
                 rec = PeerRecord.from_dict(item.value)
             except (RecordError, TypeError) as exc:
-                log.warning("ignoring a malformed peer record under %r: %s", subkey, exc)
+                if (subkey, str(exc)) not in self._malformed:  # once each: peers() is polled
+                    if len(self._malformed) > 1024:  # bounded, whatever others publish
+                        self._malformed.clear()
+                    self._malformed.add((subkey, str(exc)))
+                    log.warning("ignoring a malformed peer record under %r: %s", subkey, exc)
                 continue
             if rec.peer_id != subkey:
                 log.warning("ignoring a peer record filed under %r that names %r", subkey, rec.peer_id)

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 # 2: matchmaking windows close after a round's first declaration; time-budget final rounds; Probe.
 # 3: addresses host:port+bulk port, Reduce on the bulk port (bulk.py).
-PROTOCOL_VERSION = 3
+# 4: records carry the run's shared config (run_config, required); config_hash is its hash.
+PROTOCOL_VERSION = 4
 STATES = ("joining", "training", "left")
 
 
