@@ -37,7 +37,14 @@ def test_the_printed_join_line_joins_a_run_started_with_non_default_options(swar
     local = [*LOCAL, "--data", str(text_file), "--json", "s.json"]
     first = swarm.start("--model", "micro", "--H", "20", "--fragments", "2", "--steps", "60", "--seq-len", "32",
                         "--outer-lr", "0.5", "--wait-for-peers", "2", *local)
-    joiner = swarm.start(*join_line(first), *local)
+    line = join_line(first)
+    # A newcomer given a conflicting option is refused before it publishes anything, so the first
+    # peer, still waiting for a second, neither leaves nor counts it (the user's report: it did).
+    other = swarm.start(*line, *local, "--fragments", "1", name="other")
+    assert other.wait(120) == 2, other.output()
+    assert "trains model=micro" in other.output() and "streaming.fragments: run 2, here 1" in other.output()
+    assert first.proc.poll() is None and "trains another config" not in first.output()
+    joiner = swarm.start(*line, *local)
     adopted = joiner.wait_for(r"trains (.*) \(1 live peer\(s\)\); adopted its config", 120).group(1)
     for shown in ("model=micro", "H=20", "fragments=2", "steps=60", "seq_len=32", "outer.lr=0.5"):
         assert shown in adopted.split(), adopted

@@ -48,11 +48,11 @@ def start_control(cfg: SwarmConfig) -> ControlPlane:
 
 class Network:
     def __init__(self, cfg: SwarmConfig, config_hash: str, config_text: str, codec: str, state_provider,
-                 run_config: dict | None = None, control: ControlPlane | None = None):
+                 *, run_config: dict, control: ControlPlane | None = None):
         """`run_config`: records.shared_config() of the run, published for newcomers to adopt.
         `control`: a DHT node already started (start_control), which this Network now owns."""
         self.cfg, self.config_hash, self.config_text = cfg, config_hash, config_text
-        self.run_config = run_config or {}
+        self.run_config = run_config
         self.loop = BackgroundLoop()
         self.control: ControlPlane | None = control
         self.servers: Servers | None = None
