@@ -62,6 +62,7 @@ class Peer:
         try:
             if swarm.initial_peers:  # the run's config, from its peers' records, before anything is built
                 cfg = self._join_run(control, cfg, given)
+                self.swarm = swarm.validate(cfg.workers)  # --shard against the run's --workers
             self.cfg = cfg.validate()
             self.hw = hardware.validate(cfg.batch_size)
             if self.hw.threads:
