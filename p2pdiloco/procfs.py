@@ -1,13 +1,14 @@
 """Reading processes from /proc (Linux): the one place that parses /proc/<pid>/stat.
 
 The command name (field 2) may hold spaces and parentheses, so the fields are those after its
-last ')': [0] state, [1] parent pid, [2] process group, [11] user and [12] system CPU in clock ticks.
+last ')': [0] state, [1] parent pid, [2] process group, [11] user and [12] system CPU in clock ticks,
+[19] start time (with the pid, it names one process: a pid may be reused).
 """
 from __future__ import annotations
 
 import os
 
-STATE, PPID, PGRP, UTIME, STIME = 0, 1, 2, 11, 12
+STATE, PPID, PGRP, UTIME, STIME, STARTTIME = 0, 1, 2, 11, 12, 19
 
 
 def stat_fields(pid: int | str) -> list[str] | None:
@@ -17,7 +18,7 @@ def stat_fields(pid: int | str) -> list[str] | None:
             fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return fields if len(fields) > STIME else None
+    return fields if len(fields) > STARTTIME else None
 
 
 def pids() -> list[int]:

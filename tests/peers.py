@@ -66,6 +66,11 @@ class PeerProcess:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
 
+    def signal_group(self, sig: int) -> None:
+        """The signal to the peer's whole process group (it, its DHT process, p2pd), as `timeout`,
+        systemd and most supervisors send it."""
+        os.killpg(self.proc.pid, sig)
+
     def kill_group(self) -> None:
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)

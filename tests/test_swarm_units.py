@@ -14,14 +14,17 @@ from p2pdiloco.averaging import SyncKey
 from p2pdiloco.swarm.config import SwarmConfig
 from p2pdiloco.swarm.matchmaking import (SETTLE_S, LateForRound, Member, form_group, group_id, make_group, on_time,
                                          partition)
-from p2pdiloco.swarm.records import PeerRecord, RecordError
+from p2pdiloco.simulate import SimConfig
+from p2pdiloco.swarm.records import PeerRecord, RecordError, config_hash, shared_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def record(**over) -> dict:
-    base = PeerRecord("12D3KooA", "127.0.0.1:4000", ["/ip4/127.0.0.1/tcp/1/p2p/12D3KooA"], 1, "abc", "model=tiny",
-                      "training", step=5, tokens=100, tokens_per_s=3.5, rounds={"0": 2}).to_dict()
+    cfg = SimConfig()
+    base = PeerRecord("12D3KooA", "127.0.0.1:4000", ["/ip4/127.0.0.1/tcp/1/p2p/12D3KooA"], 1, config_hash(cfg),
+                      "model=tiny", "training", step=5, tokens=100, tokens_per_s=3.5, rounds={"0": 2},
+                      run_config=shared_config(cfg)).to_dict()
     base.update(over)
     return base
 
@@ -34,6 +37,7 @@ def test_record_round_trip_ignores_fields_of_newer_versions():
 @pytest.mark.parametrize("bad", [
     {"state": "dancing"}, {"step": -1}, {"step": "5"}, {"address": "nohost"}, {"maddrs": "x"},
     {"tokens_per_s": float("nan")}, {"rounds": {"0": "x"}}, {"peer_id": 7},
+    {"run_config": "model=tiny"}, {"config_hash": "0" * 16}, {"config": "x" * 5000},
 ])
 def test_malformed_records_are_refused(bad):
     with pytest.raises(RecordError):
@@ -41,10 +45,11 @@ def test_malformed_records_are_refused(bad):
 
 
 def test_a_record_without_a_required_field_is_refused():
-    raw = record()
-    del raw["config_hash"]
-    with pytest.raises(RecordError, match="config_hash"):
-        PeerRecord.from_dict(raw)
+    for name in ("config_hash", "run_config"):
+        raw = record()
+        del raw[name]
+        with pytest.raises(RecordError, match=name):
+            PeerRecord.from_dict(raw)
     with pytest.raises(RecordError):
         PeerRecord.from_dict(["not", "a", "mapping"])
 

@@ -101,6 +101,12 @@ def run_local_swarm_command(args, peer_args: list[str]) -> int:
 
 def peer_configs(args: argparse.Namespace):
     """(SimConfig, SwarmConfig, HardwareConfig): the profile, then the --config file, then options."""
+    return peer_setup(args)[:3]
+
+
+def peer_setup(args: argparse.Namespace):
+    """peer_configs() and the training fields given by the profile, --config file or options
+    (before defaults): a newcomer adopts the run's config for every shared field not given."""
     mapping = load_profile(args.profile) if args.profile else {}
     if args.config:
         mapping = config.merge(mapping, config.read_file(args.config))
@@ -114,14 +120,16 @@ def peer_configs(args: argparse.Namespace):
             if value is not None:
                 tables[table][field] = tuple(value) if isinstance(value, list) else value
     args.config = None
+    given = config.merge(mapping, config.options_to_mapping(args))
     sim = config.sim_config(args, defaults=mapping)
     return (sim, build(SwarmConfig, tables["swarm"], "swarm.").validate(sim.workers),
-            build(HardwareConfig, tables["hardware"], "hardware.").validate(sim.batch_size))
+            build(HardwareConfig, tables["hardware"], "hardware.").validate(sim.batch_size), given)
 
 
 def run_peer_command(args) -> int:
     from .peer import run_peer
-    return run_peer(*peer_configs(args))
+    sim, swarm, hardware, given = peer_setup(args)
+    return run_peer(sim, swarm, hardware, given=given)
 
 
 def run_status_command(args) -> int:

@@ -7,6 +7,10 @@ Timeouts (all in `SwarmConfig`, swarm/config.py):
 - `reduce_timeout_s`: how long an owner waits for the parts of its span, and a member for an answer;
 - `record_ttl_s`: a peer whose heartbeat stops is no longer listed after this;
 - `join_timeout_s`: one state download attempt from one donor.
+
+Leaving (`close`) is bounded as a whole, whatever state the DHT is in: a dead DHT process (killed,
+or signalled with the whole process group) is skipped at once, a live one gets `LEAVE_S` to take the
+`left` record, the data plane `STOP_S` to stop, and the DHT its bounded shutdown (control.py).
 """
 from __future__ import annotations
 
@@ -38,13 +42,26 @@ VERIFY_DONORS = 3  # a newcomer downloads the state from this many donors at onc
 
 log = logging.getLogger("p2pdiloco.network")
 
+LEAVE_S = 2.0  # the `left` record: a courtesy (the record expires anyway), not worth a long wait
+STOP_S = 5.0  # stopping the data plane's servers and channels
+
+
+def start_control(cfg: SwarmConfig) -> ControlPlane:
+    """The peer's DHT node, started before the rest so a newcomer can read the run's config first."""
+    return ControlPlane(ControlConfig(cfg.run_id, cfg.initial_peers, cfg.host, cfg.dht_port, cfg.identity_path or None))
+
 
 class Network:
     def __init__(self, cfg: SwarmConfig, config_hash: str, config_text: str, codec: str, state_provider,
-                 aggregate: AggregateConfig = AggregateConfig(), status: dict | None = None):
+                 aggregate: AggregateConfig = AggregateConfig(), status: dict | None = None,
+                 *, run_config: dict, control: ControlPlane | None = None):
+        """`run_config`: records.shared_config() of the run, published for newcomers to adopt.
+        `control`: a DHT node already started (start_control), which this Network now owns.
+        `status`: a resumed peer's counters, for its very first record."""
         self.cfg, self.config_hash, self.config_text, self.aggregate = cfg, config_hash, config_text, aggregate
+        self.run_config = run_config
         self.loop = BackgroundLoop()
-        self.control: ControlPlane | None = None
+        self.control: ControlPlane | None = control
         self.servers: Servers | None = None
         self.p2p = None
         self.transport_note = ""  # what --transport auto found (reachability.py)
@@ -59,8 +76,8 @@ class Network:
         self.status = {"state": "joining", "step": 0, "tokens": 0, "tokens_per_s": 0.0, "rounds": {}, "ends_at": 0.0}
         self.status.update(status or {})  # a resumed peer's counters, in its very first record
         try:
-            self.control = ControlPlane(ControlConfig(cfg.run_id, cfg.initial_peers, cfg.host, cfg.dht_port,
-                                                      cfg.identity_path or None))
+            if self.control is None:
+                self.control = start_control(cfg)
             self.peer_id = self.control.peer_id
             self.identity = Identity(cfg.run_id, config_hash, self.peer_id, codec)
             self.book = RoundBook(self.identity, cfg.reduce_timeout_s, aggregate)
@@ -83,7 +100,7 @@ class Network:
         self.servers = Servers(servicer, self.cfg.max_message_bytes, self.cfg.reduce_timeout_s)
         port, bulk_port = await self.servers.start(self.cfg.host, self.cfg.port, self.cfg.bulk_port)
         # Every peer also serves (and can call) the libp2p transport, on the DHT's own daemon.
-        self.p2p = await self.control.dht.replicate_p2p()
+        self.p2p = await self.control.replicate_p2p()
         self.channels.p2p = self.p2p
         await libp2p.serve(self.p2p, servicer, self.cfg.max_message_bytes)
         announce = self.cfg.announce_host or self.cfg.host
@@ -111,16 +128,21 @@ class Network:
         return PeerRecord(self.peer_id, self.address, self.maddrs(), PROTOCOL_VERSION, self.config_hash,
                           self.config_text, s["state"], int(s["step"]), int(s["tokens"]),
                           float(s["tokens_per_s"]), {str(k): int(v) for k, v in s["rounds"].items()},
-                          float(s["ends_at"]), self.refused())
+                          float(s["ends_at"]), refused=self.refused(), run_config=self.run_config)
 
-    def publish(self) -> None:
-        if not self.control.publish(self.record(), self.cfg.record_ttl_s):
+    def publish(self, timeout_s: float | None = None) -> None:
+        if not self.control.publish(self.record(), self.cfg.record_ttl_s, timeout_s):
             log.debug("the DHT did not take this peer's record (a newer one won); the next heartbeat retries")
 
     async def _beat(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.cfg.heartbeat_s)
+            if (why := self.control.gone()) is not None:  # nothing will ever answer: say so once, loudly
+                log.error("%s: this peer can no longer find the others or be found; it trains alone from now on "
+                          "(every round is skipped). Stop it (SIGTERM: it writes its checkpoint) and start it again "
+                          "with a live peer's join line", why)
+                return
             try:
                 await loop.run_in_executor(None, self.publish)
             except Exception as exc:  # a missed heartbeat is logged; the record's TTL covers a few
@@ -237,16 +259,21 @@ class Network:
 
     # ---- leaving
     def close(self) -> None:
-        """Leave: mark the record 'left' so nobody waits for this peer, stop serving, stop the DHT."""
+        """Leave: mark the record 'left' so nobody waits for this peer, stop serving, stop the DHT.
+        Bounded (see the module's docstring), and never raises: leaving must not lose the exit."""
         if self.control is not None and self.servers is not None:
             self.status["state"] = "left"
+            why = self.control.gone()
             try:
-                self.publish()
+                if why is None:
+                    self.publish(timeout_s=LEAVE_S)
+                else:
+                    log.warning("not marking this peer as left: %s (its record expires by itself)", why)
             except Exception as exc:
                 log.warning("could not mark this peer as left: %s", exc)
         if self.servers is not None:
             try:
-                self.loop.call(self._stop_serving(), timeout=5)
+                self.loop.call(self._stop_serving(), timeout=STOP_S)
             except Exception as exc:
                 log.warning("data plane shutdown: %s", exc)
         self.loop.stop()

@@ -11,6 +11,7 @@ import copy
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -30,49 +31,63 @@ from . import checkpoint as ckpts
 from . import joindir
 from .config import SwarmConfig
 from .control import SwarmStartError
-from .network import Network
-from .records import config_hash, describe_config
+from .network import Network, start_control
+from .records import config_hash, describe_config, shared_config
+from .runconfig import ConfigMismatch, NoRunPeers, adopt, choose_run, find_run, given_names  # noqa: F401 (ConfigMismatch: re-exported)
 from .state import StateError, catch_up, rejoin, restore, snapshot
 
 log = logging.getLogger("p2pdiloco.peer")
 
 
-class ConfigMismatch(ValueError):
-    pass
-
-
 class Peer:
-    def __init__(self, cfg: SimConfig, swarm: SwarmConfig, hardware: HardwareConfig = HardwareConfig(), out=print):
+    def __init__(self, cfg: SimConfig, swarm: SwarmConfig, hardware: HardwareConfig = HardwareConfig(), out=print,
+                 given: dict | None = None):
+        """`given`: the training fields given by options, --config file or profile, before defaults
+        (swarm/cli.py); a newcomer adopts the run's config for every shared field not given
+        (runconfig.py). None: all of `cfg` counts as given."""
         if swarm.join_dir and not swarm.initial_peers:  # join through the live peers listed there
             swarm = replace(swarm, initial_peers=joindir.read(swarm.join_dir))
             out(f"[peer] --join-dir {swarm.join_dir}: " + (f"joining through {len(swarm.initial_peers)} address(es)"
                                                            if swarm.initial_peers else "no peers listed; starting a new swarm"))
-        self.cfg, self.swarm, self.out = cfg.validate(), swarm.validate(cfg.workers), out
-        self.hw = hardware.validate(cfg.batch_size)
-        if self.hw.threads:
-            torch.set_num_threads(self.hw.threads)
-        self.device = resolve_device(self.hw.device)
-        self.corpus = Corpus.load(cfg.data)
-        mcfg = model_config(cfg.model)
-        _check_vocab(self.corpus, mcfg.vocab_size)
-        torch.manual_seed(cfg.seed)  # every peer of a run starts from the same model, built on the CPU
-        model = Transformer(mcfg).to(self.device)
-        self.eval_model = copy.deepcopy(model)
-        self.val = self.corpus.val_batches(cfg.batch_size, cfg.eval_batches)
+        self.swarm, self.out = swarm.validate(cfg.workers), out
         self.stopping = threading.Event()
-        self._next_catch_up, self._missed_since = 0.0, {}
-        # --resume: read and check the checkpoint before going online, so the first record says where it is.
-        self.resumed = ckpts.open_for_resume(self.cfg, self.swarm) if self.swarm.resume else None
-        if self.swarm.resume and self.resumed is None:
-            out(f"[peer] --resume auto: no checkpoint of run '{self.swarm.run_id}' under {ckpts.run_dir(self.swarm)} "
-                f"that no live peer holds; starting as a new peer")
+        self._install_signals()  # from here on, SIGINT/SIGTERM mean "leave cleanly", even while joining
         try:
-            self.net = Network(swarm, config_hash(cfg), describe_config(cfg), cfg.streaming.codec,
-                               self._state_for_newcomer, cfg.aggregate, status=self._resumed_status())
+            control = start_control(swarm)
         except SwarmStartError as exc:
             if swarm.join_dir and swarm.initial_peers:
                 raise SwarmStartError(f"{exc}. The addresses came from --join-dir {swarm.join_dir}: files of "
                                       f"peers that crashed stay there; delete them if no peer of the run is alive") from None
+            raise
+        self.net = None
+        try:
+            if swarm.initial_peers:  # the run's config, from its peers' records, before anything is built
+                cfg = self._join_run(control, cfg, given)
+                self.swarm = swarm.validate(cfg.workers)  # --shard against the run's --workers
+            self.cfg = cfg.validate()
+            self.hw = hardware.validate(cfg.batch_size)
+            if self.hw.threads:
+                torch.set_num_threads(self.hw.threads)
+            self.device = resolve_device(self.hw.device)
+            self.corpus = Corpus.load(cfg.data)
+            mcfg = model_config(cfg.model)
+            _check_vocab(self.corpus, mcfg.vocab_size)
+            torch.manual_seed(cfg.seed)  # every peer of a run starts from the same model, built on the CPU
+            model = Transformer(mcfg).to(self.device)
+            self.eval_model = copy.deepcopy(model)
+            self.val = self.corpus.val_batches(cfg.batch_size, cfg.eval_batches)
+            self._next_catch_up, self._missed_since, self._foreign = 0.0, {}, set()
+            # --resume: read and check the checkpoint before going online, so the first record says where it is.
+            self.resumed = ckpts.open_for_resume(self.cfg, self.swarm) if self.swarm.resume else None
+            if self.swarm.resume and self.resumed is None:
+                out(f"[peer] --resume auto: no checkpoint of run '{self.swarm.run_id}' under {ckpts.run_dir(self.swarm)} "
+                    f"that no live peer holds; starting as a new peer")
+            self.net = Network(swarm, config_hash(cfg), describe_config(cfg), cfg.streaming.codec,
+                               self._state_for_newcomer, cfg.aggregate, status=self._resumed_status(),
+                               run_config=shared_config(cfg), control=control)
+        except BaseException:
+            if self.net is None:  # (a Network that failed to start has stopped the DHT itself)
+                control.shutdown()
             raise
         try:
             self.worker = Worker(self.net.peer_id[-8:], model, InnerOptimizer(model, cfg.inner, cfg.steps),
@@ -86,6 +101,32 @@ class Peer:
         except BaseException:
             self.net.close()
             raise
+
+    def _join_run(self, control, cfg: SimConfig, given: dict | None) -> SimConfig:
+        """This peer's config in the run it joins: the run's, with what was given here (runconfig.py).
+        Nobody of the run listed within --join-timeout: an error, unless --wait-for-peers asks to wait."""
+        s = self.swarm
+        records = find_run(control, s.run_id, s.join_timeout_s, self.stopping)
+        if self.stopping.is_set():
+            return cfg
+        run = choose_run(records)
+        if run is None:
+            if s.wait_for_peers > 1:
+                self.out(f"[peer] no peer of run '{s.run_id}' is listed yet; waiting for --wait-for-peers "
+                         f"{s.wait_for_peers} with this peer's config: {describe_config(cfg)}", flush=True)
+                return cfg
+            raise NoRunPeers(
+                f"the DHT started through --initial-peers, but no live peer of run '{s.run_id}' was listed there within "
+                f"{s.join_timeout_s:.0f}s (--join-timeout), so this peer would train alone. Check the run id "
+                f"(`p2pdiloco status --initial-peers {s.initial_peers[0]} --run-id {s.run_id}` lists the run's peers), "
+                f"start a new run without --initial-peers, or pass --wait-for-peers N to wait for N peers")
+        mine = adopt(given, cfg, run, s.run_id)
+        same = sum(r.config_hash == run.config_hash for r in records)
+        names = given_names(given, mine)
+        self.out(f"[peer] run '{s.run_id}' trains {describe_config(mine)} ({same} live peer(s)); "
+                 + (f"adopted its config; given here and the same: {', '.join(names)}" if names else "adopted its config")
+                 + "; batch size, inner optimizer, tau, alpha and timeouts are this peer's own", flush=True)
+        return mine
 
     def _check_message_size(self) -> None:
         """Refuse at the start a run whose largest average cannot travel: a member sends an owner one
@@ -107,8 +148,16 @@ class Peer:
 
     # ---- joining
     def join(self) -> None:
-        """Refuse a run that trains something else; download the state if the run has averaged
-        anything; otherwise start from the seeded model with the other first peers."""
+        """Download the state if the run has averaged anything; otherwise start from the seeded model
+        with the other first peers. A signal while joining (and a DHT that dies with it) just ends it."""
+        try:
+            self._join()
+        except TimeoutError as exc:
+            if not self.stopping.is_set():
+                raise
+            log.info("stopped while joining (%s)", exc)
+
+    def _join(self) -> None:
         deadline = time.monotonic() + self.swarm.join_timeout_s
         while not self.stopping.is_set():
             same = self._same_config_peers()
@@ -140,6 +189,8 @@ class Peer:
                 break
             self._check_deadline(deadline, len(same) + 1, "came")
             self.stopping.wait(0.2)
+        if self.stopping.is_set():
+            return
         self.net.status["state"] = "training"
         self.net.publish()
         # A start barrier for the first peers: nobody trains until all of them are listed as
@@ -168,14 +219,20 @@ class Peer:
         return True
 
     def _same_config_peers(self):
+        """The live peers that train this peer's config. Peers of another config are ignored (said
+        once each): a newcomer refuses a conflicting run before it publishes anything (runconfig.py),
+        so a running peer never leaves because of someone else's options. A peer that joined through
+        --initial-peers and finds only other configs (they all changed since it joined) refuses."""
         peers = [r for r in self.net.peers() if r.peer_id != self.net.peer_id]
         others = [r for r in peers if r.config_hash != self.net.config_hash]
-        if others and len(others) == len(peers):
+        if others and len(others) == len(peers) and self.swarm.initial_peers and self.net.status["state"] == "joining":
             raise ConfigMismatch(
                 f"run '{self.swarm.run_id}' trains {others[0].config}, this peer {describe_config(self.cfg)}; "
-                f"start this peer with the same model and streaming options, or use another --run-id")
+                f"leave out the training options to adopt the run's, give the same ones, or use another --run-id")
         for r in others:
-            log.warning("peer %s trains another config (%s); it is ignored", r.peer_id[-8:], r.config)
+            if r.peer_id not in self._foreign:
+                self._foreign.add(r.peer_id)
+                log.warning("peer %s trains another config (%s); it is ignored", r.peer_id[-8:], r.config)
         return [r for r in peers if r.config_hash == self.net.config_hash]
 
     def _check_deadline(self, deadline: float, have: int, what: str) -> None:
@@ -194,7 +251,11 @@ class Peer:
             now = time.monotonic()
             for f in w.missed:
                 self._missed_since.setdefault(f, now)
-            donors = [r for r in self._same_config_peers() if r.state == "training"]
+            try:
+                donors = [r for r in self._same_config_peers() if r.state == "training"]
+            except TimeoutError as exc:  # the DHT is slow or gone (network.py says which): no donors this time
+                log.warning("catching up: could not list the peers: %s", exc)
+                donors = []
             try:
                 updated = catch_up(w, self.net.download(donors, set(w.missed)), set(w.missed)) if donors else []
             except StateError as exc:
@@ -280,7 +341,6 @@ class Peer:
 
     # ---- training
     def run(self) -> dict:
-        self._install_signals()
         try:
             line = self.net.join_line()
             self.out(f"[peer] {self.net.peer_id} serving on {self.net.address}", flush=True)
@@ -384,8 +444,14 @@ class Peer:
         def stop(signum, _frame):
             if self.stopping.is_set():  # a second signal: leave now
                 raise KeyboardInterrupt
-            self.out(f"[peer] {signal.Signals(signum).name}: finishing this step, then leaving", flush=True)
             self.stopping.set()
+            # os.write, not print: a handler that prints while the main thread is printing raises
+            # "reentrant call" at a random point of the peer.
+            try:
+                os.write(sys.stdout.fileno(), f"[peer] {signal.Signals(signum).name}: finishing this step, "
+                                              f"then leaving\n".encode())
+            except (OSError, ValueError):
+                pass
 
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
@@ -405,11 +471,12 @@ class Peer:
         self.net.close()
 
 
-def run_peer(cfg: SimConfig, swarm: SwarmConfig, hardware: HardwareConfig = HardwareConfig()) -> int:
+def run_peer(cfg: SimConfig, swarm: SwarmConfig, hardware: HardwareConfig = HardwareConfig(),
+             given: dict | None = None) -> int:
     def out(msg, flush=True):
         print(msg, flush=flush)
 
-    peer = Peer(cfg, swarm, hardware, out)
+    peer = Peer(cfg, swarm, hardware, out, given=given)
     summary = peer.run()
     if swarm.summary_json:
         write_json(swarm.summary_json, summary)
