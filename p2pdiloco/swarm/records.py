@@ -7,7 +7,7 @@ or mistyped field is dropped (and logged by the caller), while fields that a new
 ignored, so old and new peers can share a swarm as long as the protocol version matches.
 
 `config_hash` covers what must be identical for averages to mean anything: the protocol version,
-the model, the fragmenting, the codec, the schedule and the outer optimizer. Local choices (batch
+the model (by content) and tokenizer, the fragmenting, the codec, the schedule and the outer optimizer. Local choices (batch
 size, inner lr, τ, α, eager updates, timeouts) may differ between peers.
 """
 from __future__ import annotations
@@ -29,17 +29,24 @@ class RecordError(ValueError):
 
 def config_hash(cfg) -> str:
     """A short hash of what a run's peers must agree on (cfg: SimConfig)."""
+    from ..models import model_fingerprint
     s = cfg.streaming
-    shared = {"protocol": PROTOCOL_VERSION, "model": cfg.model, "mode": s.mode, "H": s.H,
+    # The model by content: a config file's or weights' hash, not their path (models.py).
+    shared = {"protocol": PROTOCOL_VERSION, "model": model_fingerprint(cfg.model), "mode": s.mode, "H": s.H,
               "fragments": s.fragments, "strategy": s.strategy, "codec": s.codec,
               "outer": asdict(cfg.outer), "steps": cfg.steps, "seq_len": cfg.data.seq_len,
               "round_s": s.round_s, "duration_s": s.duration_s}
+    if cfg.data.tokenizer:  # the vocabulary, and how text becomes tokens (runs without one hash as before)
+        from ..tokenizer import fingerprint
+        shared["tokenizer"] = fingerprint(cfg.data.tokenizer)
     return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def describe_config(cfg) -> str:
     s = cfg.streaming
-    return (f"model={cfg.model} mode={s.mode} H={s.H} fragments={s.fragments} strategy={s.strategy} "
+    from pathlib import Path
+    tokenizer = f" tokenizer={Path(cfg.data.tokenizer).name}" if cfg.data.tokenizer else ""
+    return (f"model={cfg.model}{tokenizer} mode={s.mode} H={s.H} fragments={s.fragments} strategy={s.strategy} "
             f"codec={s.codec} outer.lr={cfg.outer.lr} outer.momentum={cfg.outer.momentum} "
             f"steps={cfg.steps} seq_len={cfg.data.seq_len}"
             + (f" round_s={s.round_s} duration_s={s.duration_s}" if s.round_s else ""))
