@@ -147,3 +147,18 @@ def test_fragments_of_the_builtin_model_are_unchanged():
     assert [f.name for f in fragments] == ["blocks0", "blocks1", "shared"]
     assert fragments[0].param_names[0] == "blocks.0.attn_norm.weight"
     assert {n.split(".")[1] for n in fragments[1].param_names} == {"1", "3"}
+
+
+def test_local_swarm_gives_its_peers_absolute_paths(tmp_path, monkeypatch):
+    """Each peer of `local-swarm` runs in a folder of its own: files named relative to here must still be found."""
+    from p2pdiloco.swarm.cli import absolute_paths
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokens").mkdir()
+    args = ["--model", "config.json", "--data", "tokens", "missing", "--tokenizer=config.json", "--steps", "5",
+            "--json", "config.json"]
+    assert absolute_paths(args) == ["--model", str(tmp_path / "config.json"), "--data", str(tmp_path / "tokens"),
+                                    "missing", f"--tokenizer={tmp_path / 'config.json'}", "--steps", "5",
+                                    "--json", "config.json"]
+    (tmp_path / "tiny").mkdir()  # a built-in model's name stays a name
+    assert absolute_paths(["--model", "tiny"]) == ["--model", "tiny"]
