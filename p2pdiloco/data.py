@@ -111,6 +111,35 @@ def _encode_text(files: list[Path], tokenizer_path: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
+class TokenShards:
+    """Several memory-mapped token files seen as one stream without reading them into memory: what
+    Corpus needs of an array (length, dtype, max, slices, which may span two files)."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [len(a) for a in arrays])
+        self.dtype = np.result_type(*arrays)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def max(self):
+        return max(a.max() for a in self.arrays if len(a))
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise IndexError("TokenShards takes contiguous slices only")
+        parts, first = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        for i in range(max(first, 0), len(self.arrays)):
+            lo, hi = max(start - self.starts[i], 0), min(stop - self.starts[i], len(self.arrays[i]))
+            if self.starts[i] >= stop:
+                break
+            if hi > lo:
+                parts.append(np.asarray(self.arrays[i][lo:hi], dtype=self.dtype))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+
+
 def load_tokens(cfg: DataConfig) -> np.ndarray:
     """The whole token stream (a memory map for token files; in memory for text: bytes, or the
     tokenizer's ids)."""
@@ -129,7 +158,7 @@ def load_tokens(cfg: DataConfig) -> np.ndarray:
         for p, a in zip(token_files, arrays):
             if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
                 raise ValueError(f"data.paths: token file '{p}' must hold a 1-D integer array, got {a.dtype} {a.shape}")
-        tokens = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        tokens = arrays[0] if len(arrays) == 1 else TokenShards(arrays)
     else:
         files = default_corpus_files() if not paths else [f for p in paths for f in _text_files(p)]
         if cfg.tokenizer:

@@ -110,3 +110,17 @@ def test_the_cli_trains_a_tokenizer_and_tokenizes(tmp_path, text_file, jsonl_fil
     assert "docs" in r.stderr  # the progress bar
     r = cli("tokenize", "missing.jsonl", "--tokenizer", "tok.json", "--out", "x")
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_several_shards_read_as_one_stream_without_loading_them(tmp_path):
+    from p2pdiloco.data import TokenShards
+    stream = np.arange(1000, dtype=np.uint32) % 700
+    for i, (lo, hi) in enumerate([(0, 300), (300, 301), (301, 1000)]):
+        np.save(tmp_path / f"tokens-{i:05d}.npy", stream[lo:hi].astype(np.uint16))
+    corpus = Corpus.load(DataConfig(paths=(str(tmp_path),), seq_len=32))
+    assert isinstance(corpus.tokens, TokenShards) and len(corpus.tokens) == 1000 and corpus.tokens.max() == 699
+    for lo, hi in [(0, 33), (290, 333), (299, 302), (300, 301), (960, 1000), (990, 2000)]:
+        assert np.array_equal(corpus.tokens[lo:hi], stream[lo:hi]), (lo, hi)
+    x, y = corpus.batch(np.arange(20))  # windows 9 and 10 span the shards
+    assert x.shape == (20, 32)
+    assert np.array_equal(x[9].numpy(), stream[9 * 32: 10 * 32]) and np.array_equal(y[9].numpy(), stream[9 * 32 + 1: 10 * 32 + 1])
