@@ -1,5 +1,5 @@
-"""The `p2pdiloco` command: simulate, peer, status, local-swarm, bench quality, bench allreduce, bench wan,
-bench resume.
+"""The `p2pdiloco` command: simulate, peer, status, local-swarm, tokenize, train-tokenizer, bench quality,
+bench allreduce, bench attack, bench resume, bench wan.
 
 Errors in configs or input print one line that says what to fix and exit with status 2;
 Ctrl-C stops with status 130 and keeps what was already written.
@@ -24,6 +24,22 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_options(sim)
     sim.add_argument("--json", metavar="FILE", default="simulate.json", help="summary file (default: %(default)s)")
     sim.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+    tok = sub.add_parser("tokenize", help="text folders, JSONL or Parquet -> token shards that --data reads")
+    tok.add_argument("inputs", nargs="*", metavar="INPUT", help="text files or folders, .jsonl or .parquet files "
+                     "(default: the default corpus, the stdlib's .py sources)")
+    tok.add_argument("--tokenizer", metavar="FILE", required=True, help="a tokenizer.json")
+    tok.add_argument("--out", metavar="DIR", required=True, help="an empty or new folder for the shards")
+    tok.add_argument("--text-field", default="text", help="the JSONL / Parquet field that holds the text")
+    tok.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default: %(default)s)")
+    tok.set_defaults(threads=0)
+    train_tok = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer here (no download)")
+    train_tok.add_argument("inputs", nargs="*", metavar="INPUT", help="as for tokenize (default: the default corpus)")
+    train_tok.add_argument("--out", metavar="FILE", required=True, help="where to write the tokenizer.json")
+    train_tok.add_argument("--vocab-size", type=int, default=8192)
+    train_tok.add_argument("--text-field", default="text")
+    train_tok.add_argument("--max-mb", type=float, default=0.0, help="train on the first this many MB of text (0: all)")
+    train_tok.set_defaults(threads=0)
 
     bench = sub.add_parser("bench", help="benchmarks that write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -78,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return _simulate(args)
+        if args.command in ("tokenize", "train-tokenizer"):
+            return _tokens(args)
         if args.command == "local-swarm":
             from .swarm.cli import run_local_swarm_command
             return run_local_swarm_command(args, rest)
@@ -127,6 +145,20 @@ def _bench_attack(args) -> int:
                               tuple(shlex.split(args.peer_args)), args.baseline,
                               echo=lambda m: print(m, file=sys.stderr, flush=True))
     print_table(result)
+    return 0
+
+
+def _tokens(args) -> int:
+    from . import shards
+    if args.command == "train-tokenizer":
+        shards.train(args.inputs, args.vocab_size, args.out, args.text_field, args.max_mb)
+        from .tokenizer import vocab_size
+        print(f"tokenizer of {vocab_size(args.out):,} tokens in {args.out}")
+        return 0
+    meta = shards.tokenize(args.inputs, args.tokenizer, args.out, args.text_field, args.shard_tokens)
+    print(f"{meta['documents']:,} documents -> {meta['tokens']:,} tokens ({meta['dtype']}) in "
+          f"{len(meta['shards'])} shard(s) under {args.out}; train on them with --data {args.out} "
+          f"--tokenizer {args.tokenizer}")
     return 0
 
 

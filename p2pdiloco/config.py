@@ -35,7 +35,11 @@ SECTIONS = {"data": DataConfig, "inner": InnerConfig, "outer": OuterConfig, "str
 
 # (flag, section or None for top level, field, argparse keywords)
 OPTIONS: list[tuple[str, str | None, str, dict]] = [
-    ("--model", None, "model", {"help": "named model size (tiny, micro, mini, small, base, large, 1b)"}),
+    ("--model", None, "model", {"help": "a built-in size (tiny, micro, mini, small, base, large, 1b), a built-in "
+                                        "Hugging Face config (gpt2-20m, llama-20m, qwen2-20m, gpt2-tiny, llama-tiny), "
+                                        "a config.json, a folder of pretrained weights, or module:function"}),
+    ("--tokenizer", "data", "tokenizer", {"metavar": "FILE", "help": "a tokenizer.json (Hugging Face tokenizers): "
+                                          "text is encoded with it and the model's vocabulary is its (default: bytes)"}),
     ("--workers", None, "workers", {"type": int}),
     ("--steps", None, "steps", {"type": int, "help": "inner steps per worker"}),
     ("--batch-size", None, "batch_size", {"type": int, "help": "sequences per worker per step"}),
@@ -48,7 +52,7 @@ OPTIONS: list[tuple[str, str | None, str, dict]] = [
     ("--shards", "data", "shards", {"choices": ["iid", "non_iid"]}),
     ("--mode", "streaming", "mode", {"choices": ["streaming", "data_parallel"]}),
     ("--H", "streaming", "H", {"type": int, "help": "inner steps between syncs of a fragment"}),
-    ("--fragments", "streaming", "fragments", {"type": int, "help": "P, fragments of transformer blocks"}),
+    ("--fragments", "streaming", "fragments", {"type": int, "help": "P, fragments of the model's blocks"}),
     ("--strategy", "streaming", "strategy", {"choices": ["strided", "sequential"]}),
     ("--tau", "streaming", "tau", {"type": int, "help": "overlap: steps between sending Δ and applying its mean"}),
     ("--alpha", "streaming", "alpha", {"type": float, "help": "merge weight of the local replica"}),

@@ -5,6 +5,10 @@ Sources, in `DataConfig.paths`:
   read as bytes: token = byte value (vocabulary 256), files joined by a NUL byte;
 - pre-tokenized token files, read by memory map: `.npy` (any integer dtype) or raw `.bin`
   (`token_dtype`, uint16 by default).
+  A folder of them (what `p2pdiloco tokenize` writes) stands for its token files, in name order.
+With a `tokenizer` (a tokenizer.json), text is encoded with it instead of read as bytes, each file a
+document ended by the tokenizer's end-of-text token (tokenizer.py); token files made by
+`p2pdiloco tokenize` with another tokenizer (their folder's meta.json says which) are refused.
 With no paths, the default corpus is the `.py` sources of the running interpreter's standard
 library: present on every machine, no download.
 
@@ -36,6 +40,7 @@ class DataConfig:
     shards: str = "iid"
     seed: int = 0
     token_dtype: str = "uint16"
+    tokenizer: str = ""  # a tokenizer.json; "" reads text as bytes
 
     def validate(self) -> "DataConfig":
         if self.seq_len < 1:
@@ -50,6 +55,9 @@ class DataConfig:
             if not Path(p).exists():
                 raise ValueError(f"data.paths: '{p}' does not exist; give an existing text file, folder, "
                                  f"or .npy/.bin token file")
+        if self.tokenizer:
+            from .tokenizer import load_tokenizer
+            load_tokenizer(self.tokenizer)  # a missing or broken file is said now
         return self
 
 
@@ -73,9 +81,74 @@ def _text_files(path: Path) -> list[Path]:
     return found
 
 
+def _token_folder(path: Path) -> list[Path] | None:
+    """The token files of a folder that holds token files and nothing else but meta.json; else None."""
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    tokens = [p for p in files if p.suffix in TOKEN_SUFFIXES]
+    return tokens if tokens and len(tokens) == len([p for p in files if p.name != "meta.json"]) else None
+
+
+def _check_shard_tokenizer(folder: Path, tokenizer: str) -> None:
+    import json
+
+    from .tokenizer import fingerprint
+    meta = folder / "meta.json"
+    if not meta.is_file():
+        return
+    made_with = json.loads(meta.read_text()).get("tokenizer")
+    if tokenizer and made_with and made_with != fingerprint(tokenizer):
+        raise ValueError(f"data.paths: the shards in '{folder}' were made with another tokenizer "
+                         f"(fingerprint {made_with}) than data.tokenizer '{tokenizer}' ({fingerprint(tokenizer)}); "
+                         f"give the tokenizer they were made with, or tokenize the text again")
+
+
+def _encode_text(files: list[Path], tokenizer_path: str) -> np.ndarray:
+    from .tokenizer import encode_documents, load_tokenizer
+    docs = (f.read_text("utf-8", errors="replace") for f in files)
+    parts = list(encode_documents(load_tokenizer(tokenizer_path), docs))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+class TokenShards:
+    """Several memory-mapped token files seen as one stream without reading them into memory: what
+    Corpus needs of an array (length, dtype, max, slices, which may span two files)."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [len(a) for a in arrays])
+        self.dtype = np.result_type(*arrays)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def max(self):
+        return max(a.max() for a in self.arrays if len(a))
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise IndexError("TokenShards takes contiguous slices only")
+        parts, first = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        for i in range(max(first, 0), len(self.arrays)):
+            lo, hi = max(start - self.starts[i], 0), min(stop - self.starts[i], len(self.arrays[i]))
+            if self.starts[i] >= stop:
+                break
+            if hi > lo:
+                parts.append(np.asarray(self.arrays[i][lo:hi], dtype=self.dtype))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+
+
 def load_tokens(cfg: DataConfig) -> np.ndarray:
-    """The whole token stream (a memory map for token files, an in-memory byte array for text)."""
-    paths = [Path(p) for p in cfg.paths]
+    """The whole token stream (a memory map for token files; in memory for text: bytes, or the
+    tokenizer's ids)."""
+    paths = []
+    for p in map(Path, cfg.paths):
+        in_folder = _token_folder(p)
+        if in_folder is not None:
+            _check_shard_tokenizer(p, cfg.tokenizer)
+        paths.extend(in_folder or [p])
     token_files = [p for p in paths if p.suffix in TOKEN_SUFFIXES and p.is_file()]
     if token_files and len(token_files) != len(paths):
         raise ValueError("data.paths mixes token files (.npy/.bin) with text; give one kind")
@@ -85,11 +158,14 @@ def load_tokens(cfg: DataConfig) -> np.ndarray:
         for p, a in zip(token_files, arrays):
             if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
                 raise ValueError(f"data.paths: token file '{p}' must hold a 1-D integer array, got {a.dtype} {a.shape}")
-        tokens = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        tokens = arrays[0] if len(arrays) == 1 else TokenShards(arrays)
     else:
         files = default_corpus_files() if not paths else [f for p in paths for f in _text_files(p)]
-        blob = b"\0".join(f.read_bytes() for f in files)
-        tokens = np.frombuffer(blob, dtype=np.uint8)
+        if cfg.tokenizer:
+            tokens = _encode_text(files, cfg.tokenizer)
+        else:
+            blob = b"\0".join(f.read_bytes() for f in files)
+            tokens = np.frombuffer(blob, dtype=np.uint8)
     if len(tokens) < 2 * (cfg.seq_len + 1):
         where = ", ".join(cfg.paths) or "the default corpus"
         raise ValueError(f"data.paths: {where} holds {len(tokens)} tokens, fewer than two windows of "

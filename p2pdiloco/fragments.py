@@ -1,6 +1,6 @@
 """Fragments of the model and their sync schedule (Streaming DiLoCo, arXiv 2501.18512 §2.1).
 
-The transformer blocks are split into P fragments: strided by default (block i → fragment i mod P,
+The model's repeated blocks are split into P fragments: strided by default (block i → fragment i mod P,
 the paper's choice: each fragment spans the depth of the network), or sequential (contiguous runs).
 
 Placement rule for everything outside the blocks (token embedding, final norm, untied head): with
@@ -8,6 +8,10 @@ P = 1 it is part of the single fragment (plain DiLoCo syncs the whole model at o
 is a fragment of its own, `shared`, index P. Joining it to a block fragment would make that fragment
 larger than 1/P of the model, and the point of fragments is that no single sync is. So a run with
 P > 1 has P + 1 fragments, all on the same schedule.
+
+The blocks are found generically (`find_blocks`): the `nn.ModuleList` of layers of one type that
+holds the most parameters, so `blocks` of the built-in transformer, `transformer.h` of GPT-2,
+`model.layers` of Llama or Qwen, or whatever list a user's own model keeps its layers in.
 
 Schedule: fragment f of F syncs after inner step t when t > 0 and (t − t_f) mod H == 0, with offsets
 t_f = ⌊f · H / F⌋ spread evenly over [0, H). Its round number is how many syncs it has begun before.
@@ -28,6 +32,22 @@ class Fragment:
     numel: int
 
 
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, list) of the model's repeated blocks: of the `nn.ModuleList`s whose items all
+    have one type, the one with the most parameters (the first of equals). ValueError if none."""
+    best, best_size = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = (name, module), size
+    if best is None:
+        raise ValueError(f"model {type(model).__name__} has no repeated block list (an nn.ModuleList of layers "
+                         f"of one type, with parameters); fragments are cut along such a list: keep the "
+                         f"model's layers in one")
+    return best
+
+
 def build_fragments(model: nn.Module, blocks: int, num_fragments: int, strategy: str = "strided") -> list[Fragment]:
     if strategy not in ("strided", "sequential"):
         raise ValueError(f"fragments.strategy '{strategy}' is unknown; use 'strided' or 'sequential'")
@@ -36,9 +56,13 @@ def build_fragments(model: nn.Module, blocks: int, num_fragments: int, strategy:
                          f"{blocks} blocks; use fewer fragments or a deeper model")
     per_fragment: list[list[str]] = [[] for _ in range(num_fragments)]
     shared: list[str] = []
+    list_name, block_list = find_blocks(model)
+    if len(block_list) != blocks:
+        raise ValueError(f"the model's block list '{list_name}' has {len(block_list)} blocks, not {blocks}")
+    prefix = f"{list_name}." if list_name else ""
     for name, _ in model.named_parameters():
-        if name.startswith("blocks."):
-            block = int(name.split(".")[1])
+        if name.startswith(prefix):
+            block = int(name[len(prefix):].split(".")[0])
             if strategy == "strided":
                 f = block % num_fragments
             else:

@@ -22,7 +22,7 @@ from .aggregation import AggregateConfig
 from .averaging import InProcessAverager
 from .data import Corpus, DataConfig, ShardSampler
 from .inner import InnerConfig, InnerOptimizer
-from .model import Transformer, model_config
+from .models import build_model, model_info, model_vocab
 from .outer import OuterConfig
 from .streaming import StreamingConfig, Worker
 
@@ -32,7 +32,7 @@ class SimConfig:
     workers: int = 4
     steps: int = 600
     batch_size: int = 16  # sequences per worker per step
-    model: str = "tiny"
+    model: str = "tiny"  # a built-in size, a Hugging Face config or folder, or module:function (models.py)
     eval_every: int = 100
     eval_batches: int = 16
     seed: int = 0
@@ -46,15 +46,30 @@ class SimConfig:
         for name in ("workers", "steps", "batch_size", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        mcfg = model_config(self.model)
-        if self.data.seq_len > mcfg.max_seq_len:
-            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds the model's max_seq_len ({mcfg.max_seq_len})")
         self.data.validate()
+        info = self.model_info()
+        if info.max_seq_len is not None and self.data.seq_len > info.max_seq_len:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds the model's max_seq_len ({info.max_seq_len})")
         self.inner.validate()
         self.outer.validate()
-        self.streaming.validate(mcfg.n_layers)
+        self.streaming.validate(info.n_blocks)
         self.aggregate.validate()
         return self
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The tokenizer's vocabulary, which the model is built for; None: the model's own."""
+        if not self.data.tokenizer:
+            return None
+        from .tokenizer import vocab_size
+        return vocab_size(self.data.tokenizer)
+
+    def model_info(self):
+        return model_info(self.model, self.vocab_size)
+
+    def build_model(self) -> torch.nn.Module:
+        """The run's initial model: the same on every peer (seeded by `seed`), on the CPU."""
+        return build_model(self.model, self.vocab_size, self.seed)
 
 
 def evaluate(model: torch.nn.Module, batches) -> float:
@@ -82,10 +97,8 @@ class Simulation:
             raise ValueError("streaming.round_s (time-budget rounds) runs on real peers (`p2pdiloco peer`); "
                              "the simulator steps its workers in lock-step")
         self.corpus = corpus or Corpus.load(cfg.data)
-        mcfg = model_config(cfg.model)
-        _check_vocab(self.corpus, mcfg.vocab_size)
-        torch.manual_seed(cfg.seed)
-        self.base = Transformer(mcfg)
+        self.base = cfg.build_model()
+        _check_vocab(self.corpus, model_vocab(self.base))
         self.eval_model = copy.deepcopy(self.base)
         self.val = self.corpus.val_batches(cfg.batch_size, cfg.eval_batches)
         names = [f"worker{i}" for i in range(cfg.workers)]
@@ -166,12 +179,15 @@ def run_simulation(cfg: SimConfig, corpus: Corpus | None = None, progress: Progr
     }
 
 
-def _check_vocab(corpus: Corpus, vocab: int) -> None:
-    if corpus.tokens.dtype != np.uint8:  # byte text always fits; token files must be checked once
+def _check_vocab(corpus: Corpus, vocab: int | None) -> None:
+    if vocab is None:  # a model that shows no vocabulary: its embedding will say
+        return
+    if corpus.tokens.dtype != np.uint8 or vocab < 256:  # bytes fit the byte vocabulary; token ids must be checked once
         top = int(corpus.tokens.max())
         if top >= vocab:
             raise ValueError(f"data.paths: token id {top} is outside the model's vocabulary of {vocab}; "
-                             f"use a model with a larger vocab_size")
+                             f"give the tokenizer the data was made with (--tokenizer), or a model with a "
+                             f"larger vocab_size")
 
 
 def _bytes_per_sync(workers: list, what: int | str) -> float | None:

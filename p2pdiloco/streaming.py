@@ -34,7 +34,7 @@ from torch import nn
 
 from .averaging import Averager, SyncKey
 from .codecs import get_codec
-from .fragments import FlatView, build_fragments, sync_offsets
+from .fragments import FlatView, build_fragments, find_blocks, sync_offsets
 from .inner import InnerOptimizer
 from .outer import OuterConfig, OuterSGD
 from .schedule import StepSchedule
@@ -46,7 +46,7 @@ log = logging.getLogger("p2pdiloco.streaming")
 class StreamingConfig:
     mode: str = "streaming"  # or "data_parallel"
     H: int = 100  # inner steps between two syncs of the same fragment
-    fragments: int = 4  # P: fragments of transformer blocks
+    fragments: int = 4  # P: fragments of the model's repeated blocks
     strategy: str = "strided"
     tau: int = 1  # steps between sending Δ_f and applying its mean
     alpha: float = 0.5  # weight of the local replica when merging
@@ -109,10 +109,11 @@ class Worker:
     def __init__(self, name: str, model: nn.Module, inner: InnerOptimizer, cfg: StreamingConfig,
                  outer: OuterConfig, averager: Averager):
         self.name, self.model, self.inner, self.averager = name, model, inner, averager
-        self.cfg = cfg.validate(len(model.blocks))
+        n_blocks = len(find_blocks(model)[1])  # the repeated layers: blocks, transformer.h, model.layers...
+        self.cfg = cfg.validate(n_blocks)
         self.codec = get_codec(cfg.codec)
         self.grad_codec = get_codec("bf16")  # data-parallel's gradients travel as in a bf16 all-reduce
-        self.fragments = build_fragments(model, len(model.blocks), cfg.fragments, cfg.strategy)
+        self.fragments = build_fragments(model, n_blocks, cfg.fragments, cfg.strategy)
         self.views = [FlatView(model, f) for f in self.fragments]
         self.global_params = [v.read() for v in self.views]
         self.outer = [OuterSGD(outer, f.numel) for f in self.fragments]

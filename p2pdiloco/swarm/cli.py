@@ -93,10 +93,38 @@ def run_local_swarm_command(args, peer_args: list[str]) -> int:
     from .local import print_summary, run_local_swarm
     if args.peers < 1:
         raise ValueError(f"--peers must be at least 1, got {args.peers}")
-    result = run_local_swarm(args.peers, peer_args, Path(args.workdir), args.timeout)
+    # Each peer runs in its own folder under --workdir: the files named here, and the modules of a
+    # --model module:function, are found from where this command runs.
+    import os
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+    result = run_local_swarm(args.peers, absolute_paths(peer_args), Path(args.workdir), args.timeout)
     print_summary(result)
     (Path(args.workdir) / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+PATH_OPTIONS = ("--data", "--tokenizer", "--model", "--config", "--profile", "--identity", "--join-dir")
+
+
+def absolute_paths(peer_args: list[str]) -> list[str]:
+    """The peer options' values that name existing files or folders, made absolute (a --model or
+    --profile that is a name, not a path here, stays as it is)."""
+    from pathlib import Path
+
+    from ..models import HF_CONFIGS, MODEL_SIZES
+    names = set(MODEL_SIZES) | set(HF_CONFIGS)
+    out, flag = [], None
+    for arg in peer_args:
+        if arg.startswith("-"):
+            name, eq, value = arg.partition("=")
+            flag = name if name in PATH_OPTIONS else None
+            if eq and flag and Path(value).exists() and value not in names:
+                arg = f"{name}={Path(value).resolve()}"
+                flag = None
+        elif flag and Path(arg).exists() and arg not in names:
+            arg = str(Path(arg).resolve())
+        out.append(arg)
+    return out
 
 
 def peer_configs(args: argparse.Namespace):

@@ -23,7 +23,7 @@ from ..averaging import span_bounds
 from ..data import Corpus, ShardSampler
 from ..hardware import HardwareConfig, resolve_device
 from ..inner import InnerOptimizer
-from ..model import Transformer, model_config
+from ..models import model_vocab
 from ..simulate import SimConfig, _check_vocab, evaluate, write_json
 from ..schedule import ClockSchedule
 from ..streaming import Worker
@@ -70,10 +70,9 @@ class Peer:
                 torch.set_num_threads(self.hw.threads)
             self.device = resolve_device(self.hw.device)
             self.corpus = Corpus.load(cfg.data)
-            mcfg = model_config(cfg.model)
-            _check_vocab(self.corpus, mcfg.vocab_size)
-            torch.manual_seed(cfg.seed)  # every peer of a run starts from the same model, built on the CPU
-            model = Transformer(mcfg).to(self.device)
+            model = cfg.build_model()  # every peer of a run starts from the same model, built on the CPU (seeded)
+            _check_vocab(self.corpus, model_vocab(model))
+            model = model.to(self.device)
             self.eval_model = copy.deepcopy(model)
             self.val = self.corpus.val_batches(cfg.batch_size, cfg.eval_batches)
             self._next_catch_up, self._missed_since, self._foreign = 0.0, {}, set()

@@ -13,6 +13,8 @@ optimizer, τ, α, eager updates, error feedback, timeouts, robust aggregation),
 added to a config dataclass later is shared by default. The record carries that config in full
 (`run_config`), so a newcomer given no training options adopts it (runconfig.py); a record whose
 `run_config` does not hash to its `config_hash`, or is too large or of the wrong shape, is refused.
+A model or tokenizer given as a file travels as a hash of its content (models.py, tokenizer.py),
+not its path: peers keep files in different places, and a joiner passes its own copy.
 """
 from __future__ import annotations
 
@@ -61,6 +63,11 @@ def shared_config(cfg) -> dict:
             out[name] = {k: _plain(v) for k, v in value.items() if f"{name}.{k}" not in LOCAL_FIELDS}
         else:
             out[name] = _plain(value)
+    from ..models import model_fingerprint
+    out["model"] = model_fingerprint(cfg.model)  # a built-in's name, or a file's content hash
+    if cfg.data.tokenizer:
+        from ..tokenizer import fingerprint
+        out["data"]["tokenizer"] = fingerprint(cfg.data.tokenizer)
     return out
 
 
@@ -120,7 +127,9 @@ def check_run_config(raw, claimed_hash: str) -> None:
 
 def describe_config(cfg) -> str:
     s = cfg.streaming
-    return (f"model={cfg.model} mode={s.mode} H={s.H} fragments={s.fragments} strategy={s.strategy} "
+    from pathlib import Path
+    tokenizer = f" tokenizer={Path(cfg.data.tokenizer).name}" if cfg.data.tokenizer else ""
+    return (f"model={cfg.model}{tokenizer} mode={s.mode} H={s.H} fragments={s.fragments} strategy={s.strategy} "
             f"codec={s.codec} outer.lr={cfg.outer.lr} outer.momentum={cfg.outer.momentum} "
             f"steps={cfg.steps} seq_len={cfg.data.seq_len}"
             + (f" round_s={s.round_s} duration_s={s.duration_s}" if s.round_s else ""))

@@ -72,6 +72,7 @@ def adopt(given: dict | None, cfg: SimConfig, run: PeerRecord, run_id: str) -> S
         given = asdict(cfg)
     elif "seed" in given and "seed" not in given.get("data", {}):  # as config.sim_config does
         given = merge(given, {"data": {"seed": given["seed"]}})
+    _needs_files(run.run_config, given, run_id)
     try:
         mine = build(SimConfig, merge(run.run_config, given)).validate()
     except ValueError as exc:
@@ -83,6 +84,22 @@ def adopt(given: dict | None, cfg: SimConfig, run: PeerRecord, run_id: str) -> S
             f"(differs in {differences(run.run_config, shared_config(mine)) or 'the protocol version'}); "
             f"leave out the training options to adopt the run's, give the same ones, or use another --run-id")
     return mine
+
+
+def _needs_files(run_config: dict, given: dict, run_id: str) -> None:
+    """A run's model or tokenizer given as a file travels as a hash of its content (records.py):
+    a joiner must pass its own copy; say so rather than try to build a model from the hash."""
+    model = run_config.get("model")
+    if "model" not in given and isinstance(model, str) and model.split(":")[0] in FILE_KINDS:
+        raise ConfigMismatch(f"run '{run_id}' trains a model from a {model.split(':')[0]} (content hash "
+                             f"{model.split(':', 1)[1]}): pass --model with your copy of the same file or function")
+    data = run_config.get("data") if isinstance(run_config.get("data"), dict) else {}
+    if data.get("tokenizer") and "tokenizer" not in given.get("data", {}):
+        raise ConfigMismatch(f"run '{run_id}' reads text with a tokenizer (content hash {data['tokenizer']}): "
+                             f"pass --tokenizer with your copy of the same tokenizer.json")
+
+
+FILE_KINDS = ("hf-config", "hf-pretrained", "function")
 
 
 def given_names(given: dict | None, cfg: SimConfig) -> list[str]:

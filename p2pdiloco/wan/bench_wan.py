@@ -90,8 +90,8 @@ class WanBenchConfig:
             if "streaming_overlap_e3m0" not in self.methods[:self.methods.index("time_budget")]:
                 raise ValueError("time_budget needs --round-seconds and --duration, or streaming_overlap_e3m0 "
                                  "run before it (its wall time and rounds are then used)")
-        from ..model import model_config
-        blocks = model_config(self.training.get("--model", "tiny")).n_layers
+        from ..models import model_info
+        blocks = model_info(self.training.get("--model", "tiny")).n_blocks
         for m in self.methods:
             streaming_config(self, m, 1.0).validate(blocks)  # tau·(P + 1) < H and the like, before any peer starts
         return replace(self, method_timeout_s=self.method_timeout_s or 300 + 4 * self.steps * max(self.slowdown or (1,)))
