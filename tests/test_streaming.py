@@ -4,6 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from p2pdiloco.aggregation import AggregateConfig
 from p2pdiloco.data import DataConfig
 from p2pdiloco.inner import InnerConfig
 from p2pdiloco.outer import OuterConfig
@@ -16,7 +17,8 @@ def sim_config(text_file, **streaming):
                      data=DataConfig(paths=(str(text_file),), seq_len=32),
                      inner=InnerConfig(lr=3e-3, warmup_steps=2),
                      outer=OuterConfig(lr=0.7, momentum=0.9),
-                     streaming=StreamingConfig(**streaming))
+                     streaming=StreamingConfig(**streaming),
+                     aggregate=AggregateConfig(method="mean"))  # engine semantics: the plain mean's arithmetic
 
 
 def params(worker):
