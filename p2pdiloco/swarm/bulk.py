@@ -173,10 +173,13 @@ class _OwnerSide(Framed):
 
     def __init__(self, server: "BulkServer"):
         super().__init__(server.buffers)
-        self.server, self.task = server, None
+        self.server, self.task, self.peer = server, None, None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        if self.server.ssl is not None:  # TLS verified the caller's certificate: whom it names
+            from .trust import Trust
+            self.peer = Trust.tls_peer(transport.get_extra_info("peercert"))
         if len(self.server.connections) >= MAX_CONNECTIONS:
             log.warning("bulk port: %d callers connected already; refused one from %s", MAX_CONNECTIONS,
                         transport.get_extra_info("peername"))
@@ -224,7 +227,8 @@ class _OwnerSide(Framed):
 
     async def _handle(self, body: memoryview) -> None:
         try:
-            code, data = grpc.StatusCode.OK, await asyncio.wait_for(self.server.handler(body), self.server.timeout_s)
+            call = self.server.handler(body) if self.server.ssl is None else self.server.handler(body, self.peer)
+            code, data = grpc.StatusCode.OK, await asyncio.wait_for(call, self.server.timeout_s)
         except asyncio.TimeoutError:
             code, data = grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self.server.timeout_s:g}s".encode()
         except BulkError as exc:
@@ -248,17 +252,22 @@ class _OwnerSide(Framed):
 
 class BulkServer:
     """This peer's bulk port. `handler(request bytes) -> reply` (bytes, or a list of buffers to
-    write one after the other) raises BulkError to refuse."""
+    write one after the other) raises BulkError to refuse. With `ssl` (a closed run, trust.py) the
+    port speaks TLS and requires a client certificate, and the handler is called as
+    `handler(request bytes, peer id the certificate names)`."""
 
-    def __init__(self, handler, max_message_bytes: int, timeout_s: float, idle_s: float = OWNER_IDLE_S):
+    def __init__(self, handler, max_message_bytes: int, timeout_s: float, idle_s: float = OWNER_IDLE_S,
+                 ssl=None):
         self.handler, self.max_message_bytes, self.timeout_s, self.idle_s = handler, max_message_bytes, timeout_s, idle_s
+        self.ssl = ssl
         self.connections: set[_OwnerSide] = set()
         self.buffers = Buffers()
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0: any free port); the port bound."""
-        self.server = await asyncio.get_running_loop().create_server(lambda: _OwnerSide(self), host, port)
+        tls = {} if self.ssl is None else {"ssl": self.ssl, "ssl_handshake_timeout": CONNECT_TIMEOUT_S}
+        self.server = await asyncio.get_running_loop().create_server(lambda: _OwnerSide(self), host, port, **tls)
         return self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -32,6 +32,7 @@ class ControlConfig:
     port: int = 0  # libp2p TCP port (0: any free port)
     identity_path: str | None = None  # a persistent libp2p key: the peer id, and so the join line, stays the same
     dht_timeout_s: float = 5.0  # one DHT request; a slower answer counts as no answer
+    admission: object = None  # a closed run's admission.Admission: records signed and checked (signed_records.py)
 
 
 def dht_time() -> float:
@@ -60,6 +61,9 @@ class ControlPlane:
         kwargs = {"host_maddrs": [f"/ip4/{cfg.host}/tcp/{cfg.port}"], "wait_timeout": cfg.dht_timeout_s}
         if cfg.identity_path:
             kwargs["identity_path"] = cfg.identity_path
+        if cfg.admission is not None:  # a closed run: only admitted peers' own records are kept
+            from .signed_records import AdmissionValidator
+            kwargs["record_validators"] = [AdmissionValidator(cfg.admission)]
         try:
             self.dht = _watched_dht_class()(initial_peers=list(cfg.initial_peers), start=True, **kwargs)
         except Exception as exc:  # hivemind raises P2PDaemonError, ValueError or a bare Exception

@@ -47,12 +47,15 @@ class Network:
         self.matchmaking_s: list[float] = []  # each completed average's wait for its group
         self.status = {"state": "joining", "step": 0, "tokens": 0, "tokens_per_s": 0.0, "rounds": {}, "ends_at": 0.0}
         try:
+            admission, self.trust = self._admission()
             self.control = ControlPlane(ControlConfig(cfg.run_id, cfg.initial_peers, cfg.host, cfg.dht_port,
-                                                      cfg.identity_path or None))
+                                                      admission.identity_path if admission else cfg.identity_path or None,
+                                                      admission=admission))
             self.peer_id = self.control.peer_id
-            self.identity = Identity(cfg.run_id, config_hash, self.peer_id, codec)
+            self.identity = Identity(cfg.run_id, config_hash, self.peer_id, codec,
+                                     self.trust.cert_der if self.trust else b"")
             self.book = RoundBook(self.identity, cfg.reduce_timeout_s)
-            self.channels = Channels(cfg.max_message_bytes)
+            self.channels = Channels(cfg.max_message_bytes, self.trust)
             # 30 s to serve, plus reachability.py's probe: twice at most a DHT read (15 s) and two peers.
             self.address = self.loop.call(self._serve(state_provider), timeout=120)
             self.me = Member(self.peer_id, self.address)
@@ -62,8 +65,23 @@ class Network:
             self.close()
             raise
 
+    def _admission(self):
+        """(admission, Trust) of a closed run (admission.py, trust.py), or (None, None) for an open one."""
+        cfg = self.cfg
+        if not cfg.admission_dir:
+            if cfg.host not in ("localhost", "::1") and not cfg.host.startswith("127."):
+                log.warning("open run: any process that knows run id '%s' and reaches %s can join, read the model "
+                            "and send parts; make it a closed run with --admission (docs/swarm.md, 'Closed runs')",
+                            cfg.run_id, cfg.host)
+            return None, None
+        from .admission import load_admission
+        from .trust import Trust
+        admission = load_admission(cfg.admission_dir, cfg.identity_path, cfg.revoked_path)
+        log.info("closed run: admitted as %s; every plane requires the run's admission", admission.peer_id)
+        return admission, Trust(admission)
+
     async def _serve(self, state_provider) -> str:
-        servicer = Servicer(self.book, state_provider)
+        servicer = Servicer(self.book, state_provider, self.trust)
         self.servers = Servers(servicer, self.cfg.max_message_bytes, self.cfg.reduce_timeout_s)
         port, bulk_port = await self.servers.start(self.cfg.host, self.cfg.port, self.cfg.bulk_port)
         # Every peer also serves (and can call) the libp2p transport, on the DHT's own daemon.
