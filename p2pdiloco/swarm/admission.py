@@ -105,12 +105,14 @@ def load_ca(run_dir: str | Path):
     return key, cert
 
 
-def issue(ca_key, ca_cert, peer_id: str, public_key, days: float) -> x509.Certificate:
-    """A certificate for `peer_id` (its common name) and `public_key`, valid for `days`."""
+def issue(ca_key, ca_cert, peer_id: str, public_key, days: float, start: dt.datetime | None = None) -> x509.Certificate:
+    """A certificate for `peer_id` (its common name) and `public_key`, valid for `days` from
+    `start` (default: now)."""
+    start = start or _now()
     return (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, peer_id)]))
             .issuer_name(ca_cert.subject).public_key(public_key).serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - _CLOCK_SKEW).not_valid_after(_now() + dt.timedelta(days=days))
+            .not_valid_before(start - _CLOCK_SKEW).not_valid_after(start + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(SERVER_NAME)]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
@@ -270,10 +272,10 @@ def load_admission(admission_dir: str, identity_path: str = "", revoked_path: st
         raise AdmissionError(f"--admission {d}: no such folder; make it with `p2pdiloco keygen --peer {d}` and have "
                              f"the run's owner admit it (`p2pdiloco admit`)")
     identity = identity_path or str(d / PEER_IDENTITY)
-    ca_pem, key_pem = _read(d / PEER_CA, "the run's CA certificate"), _read(d / PEER_KEY, "this peer's TLS key")
     if not (d / PEER_CERT).exists():
         raise AdmissionError(f"{d / PEER_CERT} is missing: this peer is not admitted yet; send {d / PEER_CSR} to "
                              f"the run's owner, who runs `p2pdiloco admit --ca RUNDIR --request peer.csr --out peer.pem`")
+    ca_pem, key_pem = _read(d / PEER_CA, "the run's CA certificate"), _read(d / PEER_KEY, "this peer's TLS key")
     cert_pem = _read(d / PEER_CERT, "this peer's certificate")
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
