@@ -133,7 +133,9 @@ def test_records_are_accepted_only_signed_by_an_admitted_peer_for_its_own_subkey
     mine_for_b = record("peerB")
     assert not vb.validate(DHTRecord(mine_for_b.key, mine_for_b.subkey, va.sign_value(mine_for_b), 1e10))
     assert not vb.validate(DHTRecord(r.key, r.subkey, signed.value, r.expiration_time + 1))  # expiry pushed
-    tampered = MSGPackSerializer.dumps(b"w") + signed.value[len(r.value):]
+    marker, _, cert, sig = MSGPackSerializer.loads(signed.value)
+    tampered = MSGPackSerializer.dumps([marker, MSGPackSerializer.dumps(b"w"), cert, sig])
+    assert vb.validate(DHTRecord(r.key, r.subkey, MSGPackSerializer.dumps([marker, r.value, cert, sig]), 1e10))
     assert not vb.validate(DHTRecord(r.key, r.subkey, tampered, r.expiration_time))
     assert not vb.validate(DHTRecord(r.key, r.subkey, vf.sign_value(r), r.expiration_time))  # another CA
 

@@ -55,6 +55,11 @@ def _watched_dht_class():
     return WatchedDHT
 
 
+def _signed(value) -> bool:
+    """A closed run's signed record, as a DHT without its validator reads it (signed_records.py)."""
+    return isinstance(value, list) and len(value) == 4 and value[0] == "p2pdiloco-signed1"
+
+
 class ControlPlane:
     def __init__(self, cfg: ControlConfig):
         self.cfg = cfg
@@ -71,6 +76,7 @@ class ControlPlane:
                     if cfg.initial_peers else f"check that {cfg.host}:{cfg.port} is a free local address")
             raise SwarmStartError(f"could not start the DHT: {exc}; {hint}") from exc
         self.peer_id = str(self.dht.peer_id)
+        self.closed_records = 0  # an open peer: records of a closed run's peers in the last listing (peers())
 
     def _wait(self, future):
         """Every DHT call is bounded: a dead or stuck DHT process must not hang the peer."""
@@ -89,10 +95,13 @@ class ControlPlane:
     def peers(self) -> list[PeerRecord]:
         """Live peers of the run (state joining or training), malformed records skipped and logged."""
         found = self._wait(self.dht.get(peers_key(self.cfg.run_id), latest=True, return_future=True))
-        out = []
+        out, closed = [], 0
         if found is None or not isinstance(found.value, dict):
             return out
         for subkey, item in found.value.items():
+            if self.cfg.admission is None and _signed(item.value):
+                closed += 1  # an admitted peer's record (signed_records.py): this open peer cannot join it
+                continue
             try:
                 rec = PeerRecord.from_dict(item.value)
             except (RecordError, TypeError) as exc:
@@ -103,6 +112,10 @@ class ControlPlane:
                 continue
             if rec.state != "left":
                 out.append(rec)
+        if closed and not self.closed_records:
+            log.warning("run '%s' has %d peer(s) of a closed run, which refuse this open peer: start it with "
+                        "--admission DIR (docs/swarm.md, 'Closed runs')", self.cfg.run_id, closed)
+        self.closed_records = closed
         return sorted(out, key=lambda r: r.peer_id)
 
     def declare(self, key: str, value: str, ttl_s: float) -> float:

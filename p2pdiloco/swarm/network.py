@@ -52,6 +52,11 @@ class Network:
                                                       admission.identity_path if admission else cfg.identity_path or None,
                                                       admission=admission))
             self.peer_id = self.control.peer_id
+            if admission is None and cfg.initial_peers and not self.control.peers() and self.control.closed_records:
+                from .control import SwarmStartError
+                raise SwarmStartError(f"run '{cfg.run_id}' is a closed run: its peers refuse peers without admission. "
+                                      f"Make a request with `p2pdiloco keygen --peer DIR`, have the run's owner admit "
+                                      f"it (`p2pdiloco admit`), and start this peer with --admission DIR")
             self.identity = Identity(cfg.run_id, config_hash, self.peer_id, codec,
                                      self.trust.cert_der if self.trust else b"")
             self.book = RoundBook(self.identity, cfg.reduce_timeout_s)

@@ -8,13 +8,13 @@ signature by that certificate's key over (key, subkey, value, expiration). So a 
 writes, and an admitted peer's writes under another peer's subkey, are dropped by every honest
 node, and a reply that holds one is ignored whole (hivemind's rule for a dictionary).
 
-On the wire a signed value is `value | cert (DER) | signature | u16 len(cert) | u16 len(sig) | MARK`.
+A signed value is the msgpack list `[MARK, value (the serialized original), cert (DER), signature]`:
+an open peer's DHT reads it as that list, which control.py recognizes as a closed run's record.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import struct
 import time
 
 from cryptography.exceptions import InvalidSignature
@@ -27,8 +27,7 @@ from .admission import Admission, AdmissionError
 
 log = logging.getLogger("p2pdiloco.trust")
 
-MARK = b"p2pdiloco-signed1"
-_LENGTHS = struct.Struct("<HH")
+MARK = "p2pdiloco-signed1"
 LOG_EVERY_S = 30.0
 
 
@@ -47,18 +46,19 @@ class AdmissionValidator(RecordValidatorBase):
 
     def sign_value(self, record: DHTRecord) -> bytes:
         signature = self.key.sign(_signed_bytes(record), ec.ECDSA(hashes.SHA256()))
-        return record.value + self.cert_der + signature + _LENGTHS.pack(len(self.cert_der), len(signature)) + MARK
+        return MSGPackSerializer.dumps([MARK, record.value, self.cert_der, signature])
 
     @staticmethod
     def _split(value: bytes) -> tuple[bytes, bytes, bytes] | None:
-        tail = _LENGTHS.size + len(MARK)
-        if len(value) < tail or not value.endswith(MARK):
+        """(value, cert, signature) of a signed value; None if it is not one."""
+        try:
+            parts = MSGPackSerializer.loads(value)
+        except Exception:
             return None
-        n_cert, n_sig = _LENGTHS.unpack(value[-tail:-len(MARK)])
-        end = len(value) - tail
-        if n_cert + n_sig > end:
+        if not (isinstance(parts, list) and len(parts) == 4 and parts[0] == MARK
+                and all(isinstance(p, bytes) for p in parts[1:])):
             return None
-        return value[:end - n_cert - n_sig], value[end - n_cert - n_sig:end - n_sig], value[end - n_sig:end]
+        return parts[1], parts[2], parts[3]
 
     def strip_value(self, record: DHTRecord) -> bytes:
         parts = self._split(record.value)
