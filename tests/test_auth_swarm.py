@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -133,8 +135,13 @@ def test_a_closed_run_trains_and_refuses_a_stranger_on_every_plane(swarm, text_f
     first.wait_for("ignored a record that is not an admitted peer's own", 30)
     first.wait_for("refused a libp2p call from", 30)
 
-    # The honest peer was not taken down: an admitted second peer joins, and they train together.
-    second = swarm.start(*args, "--admission", str(tmp_path / "b"), "--initial-peers", maddr)
+    # The honest peer was not taken down: an admitted second peer joins, and they train together,
+    # the second one reached over libp2p (its certificate checked there) and the first over the bulk port.
+    second = swarm.start(*args, "--admission", str(tmp_path / "b"), "--initial-peers", maddr, "--transport", "libp2p")
+    status = subprocess.run([sys.executable, "-m", "p2pdiloco.cli", "status", "--initial-peers", maddr, "--admission",
+                             str(tmp_path / "a"), "--json"], capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert a.peer_id in {r["peer_id"] for r in json.loads(status.stdout)}
     for p in (first, second):
         assert p.wait(240) == 0, p.output()[-4000:]
         s = json.loads((p.cwd / "s.json").read_text())

@@ -74,6 +74,8 @@ def add_peer_parser(sub) -> None:
     status.add_argument("--initial-peers", nargs="+", metavar="MADDR", required=True)
     status.add_argument("--run-id", default="p2pdiloco")
     status.add_argument("--json", action="store_true", help="print the records as JSON")
+    status.add_argument("--admission", metavar="DIR", help="a closed run: list only admitted peers' records, checked "
+                        "with this admission's run CA (any admitted peer's folder)")
     status.set_defaults(threads=0)
 
 
@@ -132,7 +134,11 @@ def run_peer_command(args) -> int:
 def run_status_command(args) -> int:
     from .control import ControlConfig, ControlPlane
     SwarmConfig(run_id=args.run_id, initial_peers=tuple(args.initial_peers)).validate(1)
-    control = ControlPlane(ControlConfig(args.run_id, tuple(args.initial_peers)))
+    admission = None
+    if args.admission:  # its run CA checks the records; its identity stays unused (the peer may be running)
+        from .admission import load_admission
+        admission = load_admission(args.admission)
+    control = ControlPlane(ControlConfig(args.run_id, tuple(args.initial_peers), admission=admission))
     try:
         records = control.peers()
     finally:
