@@ -190,7 +190,8 @@ def test_admitted_peers_average_over_tls_on_the_bulk_port_and_grpc():
     from p2pdiloco.swarm.dataplane import allreduce
     from p2pdiloco.swarm.matchmaking import make_group
     a_adm, b_adm = adm.throwaway_run(["peer-a", "peer-b"])
-    x = {"peer-a": torch.randn(1000), "peer-b": torch.randn(1000)}
+    # 400 kB vectors: spans larger than bulk.TLS_CHUNK go to TLS in chunks
+    x = {"peer-a": torch.randn(100_000), "peer-b": torch.randn(100_000)}
 
     async def main():
         peers = [await _Peer("peer-a", a_adm).start(), await _Peer("peer-b", b_adm).start()]

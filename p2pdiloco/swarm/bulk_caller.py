@@ -57,7 +57,7 @@ class _CallerSide(Framed):
         self.reply = asyncio.get_running_loop().create_future()
         self.into = into
         self.expect(REPLY_HEAD.size, self._head)
-        self.transport.writelines([LENGTH.pack(sum(len(p) for p in pieces)), *pieces])
+        self.send([LENGTH.pack(sum(len(p) for p in pieces)), *pieces])
         code, body = await self.reply
         if code != grpc.StatusCode.OK:
             raise BulkError(code, bytes(body[0]).decode(errors="replace"))
