@@ -287,3 +287,24 @@ def test_strangers_impostors_and_revoked_peers_are_refused_on_grpc_and_the_bulk_
             await owner.stop()
 
     _run(main())
+
+
+@pytest.mark.timeout(400)  # four methods, each its own peer processes
+def test_bench_allreduce_auth_runs_each_p2pdiloco_method_closed_too(tmp_path):
+    """`--auth`: each p2pdiloco method's closed twin (METHOD_auth, mutual TLS) right after it, with
+    the same means; 60,000 values: spans larger than bulk.TLS_CHUNK."""
+    import json
+
+    from p2pdiloco.bench_allreduce import run_allreduce_bench
+    res = run_allreduce_bench(2, 60_000, str(tmp_path / "a.json"), repeats=1,
+                              methods=("p2pdiloco_fp32", "p2pdiloco_grpc_e3m0"), progress=lambda _: None, auth=True)
+    assert list(res["methods"]) == ["p2pdiloco_fp32", "p2pdiloco_fp32_auth", "p2pdiloco_grpc_e3m0",
+                                    "p2pdiloco_grpc_e3m0_auth"]
+    for name, m in res["methods"].items():
+        assert m["error"] is None, (name, m["error"])
+    for name in ("p2pdiloco_fp32", "p2pdiloco_grpc_e3m0"):
+        assert res["methods"][name + "_auth"]["max_abs_error"] == res["methods"][name]["max_abs_error"]
+        assert res["methods"][name + "_auth"]["bytes_sent_per_peer"] == res["methods"][name]["bytes_sent_per_peer"]
+    assert json.loads((tmp_path / "a.json").read_text())["methods"].keys() == res["methods"].keys()
+    with pytest.raises(ValueError, match="'p2pdiloco_fp33_auth' is unknown"):
+        run_allreduce_bench(2, 100, str(tmp_path / "b.json"), methods=("p2pdiloco_fp33_auth",))
