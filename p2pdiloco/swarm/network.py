@@ -52,7 +52,7 @@ class Network:
                                                       admission.identity_path if admission else cfg.identity_path or None,
                                                       admission=admission))
             self.peer_id = self.control.peer_id
-            if admission is None and cfg.initial_peers and not self.control.peers() and self.control.closed_records:
+            if admission is None and cfg.initial_peers and self._closed_run_only():
                 from .control import SwarmStartError
                 raise SwarmStartError(f"run '{cfg.run_id}' is a closed run: its peers refuse peers without admission. "
                                       f"Make a request with `p2pdiloco keygen --peer DIR`, have the run's owner admit "
@@ -84,6 +84,13 @@ class Network:
         admission = load_admission(cfg.admission_dir, cfg.identity_path, cfg.revoked_path)
         log.info("closed run: admitted as %s; every plane requires the run's admission", admission.peer_id)
         return admission, Trust(admission)
+
+    def _closed_run_only(self) -> bool:
+        """An open peer: are the run's live peers all a closed run's (whose records it cannot use)?"""
+        try:
+            return not self.control.peers() and self.control.closed_records > 0
+        except TimeoutError:  # the DHT is slow: the join goes on and says so later, as before
+            return False
 
     async def _serve(self, state_provider) -> str:
         servicer = Servicer(self.book, state_provider, self.trust)
