@@ -161,3 +161,25 @@ def test_an_open_peer_that_tries_to_join_a_closed_run_exits_2_saying_so(swarm, t
     assert stranger.wait(120) == 2, stranger.output()[-3000:]
     assert "is a closed run" in stranger.output() and "--admission" in stranger.output()
     assert first.proc.poll() is None  # still waiting for an admitted second peer, not taken down
+
+
+def test_an_admitted_newcomer_downloads_the_state_over_tls(swarm, text_file, tmp_path):
+    import signal
+
+    from p2pdiloco.swarm.admission import admit, make_peer_request, make_run_ca
+    make_run_ca(tmp_path / "run")
+    for name in ("a", "b", "c"):
+        make_peer_request(tmp_path / name)
+        admit(tmp_path / "run", tmp_path / name / "peer.csr", tmp_path / name / "peer.pem", days=1)
+    args = [*TINY, "--data", str(text_file), "--steps", "2000", "--wait-for-peers", "2"]
+    first = swarm.start(*args, "--admission", str(tmp_path / "a"))
+    maddr = first.join_address(120)
+    second = swarm.start(*args, "--admission", str(tmp_path / "b"), "--initial-peers", maddr)
+    second.wait_for(r"training from step 0", 120)
+    newcomer = swarm.start(*args, "--admission", str(tmp_path / "c"), "--initial-peers", maddr)
+    m = newcomer.wait_for(r"downloaded the run's state \(([\d,]+) bytes, verified\).*joining at step (\d+)", 120)
+    assert int(m.group(2)) > 0
+    for p in (first, second, newcomer):
+        p.signal(signal.SIGTERM)
+    for p in (first, second, newcomer):
+        assert p.wait(120) == 0, p.output()[-3000:]
