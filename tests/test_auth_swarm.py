@@ -17,7 +17,7 @@ import pytest
 
 from peers import TINY
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = pytest.mark.timeout(600)
 
 
 def _decode(value):
@@ -70,7 +70,7 @@ def _stranger(maddr: str, run_id: str, admitted_cert_der: bytes) -> dict:
 
         async def attempt(name, coro):
             try:
-                got[name] = ("answered", await asyncio.wait_for(coro, 30))
+                got[name] = ("answered", await asyncio.wait_for(coro, 60))
             except Exception as exc:
                 got[name] = (type(exc).__name__, exc.details() if hasattr(exc, "details") else str(exc))
 
@@ -83,13 +83,14 @@ def _stranger(maddr: str, run_id: str, admitted_cert_der: bytes) -> dict:
             await attempt("bulk_reduce", BulkPool(1 << 24).call(host.strip("[]"), bulk, message, 10))
             p2p = await dht.replicate_p2p()
             stub = LibP2PStub(p2p, f"p2p:{owner_id}")
-            await attempt("libp2p_reduce", stub.Reduce(request(caller), timeout=10))
-            await attempt("libp2p_reduce_stolen_cert", stub.Reduce(request(stolen), timeout=10))
-            await attempt("libp2p_download", download_state(stub, stolen, 10, 1 << 30))
+            # Generous timeouts: a refusal must be told apart from a slow answer on a loaded machine.
+            await attempt("libp2p_reduce", stub.Reduce(request(caller), timeout=40))
+            await attempt("libp2p_reduce_stolen_cert", stub.Reduce(request(stolen), timeout=40))
+            await attempt("libp2p_download", download_state(stub, stolen, 40, 1 << 30))
             await channels.close()
             await p2p.shutdown()
 
-        loop.call(everything(), timeout=150)
+        loop.call(everything(), timeout=300)
     finally:
         loop.stop()
         dht.shutdown()
@@ -104,7 +105,7 @@ def test_a_closed_run_trains_and_refuses_a_stranger_on_every_plane(swarm, text_f
         make_peer_request(tmp_path / name)
         admit(tmp_path / "run", tmp_path / name / "peer.csr", tmp_path / name / "peer.pem", days=1)
     a = load_admission(str(tmp_path / "a"))
-    args = [*TINY, "--data", str(text_file), "--steps", "12", "--wait-for-peers", "2", "--join-timeout", "240",
+    args = [*TINY, "--data", str(text_file), "--steps", "24", "--wait-for-peers", "2", "--join-timeout", "400",
             "--json", "s.json"]
     first = swarm.start(*args, "--admission", str(tmp_path / "a"))
     maddr = first.join_address(120)
@@ -127,13 +128,15 @@ def test_a_closed_run_trains_and_refuses_a_stranger_on_every_plane(swarm, text_f
     # gone) with a plain DHT node, which keeps whatever it is handed.
     observer = _raw_dht(maddr)
     try:
-        held = _raw_peers(observer, peers_key("p2pdiloco"))
+        deadline = time.monotonic() + 60
+        while a.peer_id not in (held := _raw_peers(observer, peers_key("p2pdiloco"))) and time.monotonic() < deadline:
+            time.sleep(0.5)  # a loaded machine: the first reads may time out
         assert set(held) == {a.peer_id}, held
         assert _raw_peers(observer, "p2pdiloco/p2pdiloco/round/fragment/0/1") == {}
     finally:
         observer.shutdown()
-    first.wait_for("ignored a record that is not an admitted peer's own", 30)
-    first.wait_for("refused a libp2p call from", 30)
+    first.wait_for("ignored a record that is not an admitted peer's own", 60)
+    first.wait_for("refused a libp2p call from", 60)
 
     # The honest peer was not taken down: an admitted second peer joins, and they train together,
     # the second one reached over libp2p (its certificate checked there) and the first over the bulk port.
