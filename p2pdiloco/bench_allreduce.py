@@ -5,7 +5,9 @@ Every method runs in its own set of N spawned processes over loopback (127.0.0.1
   Reduce on the bulk port of swarm/bulk.py), no DHT; the time includes encoding the vector and
   decoding the mean; p2pdiloco_grpc_fp32 / p2pdiloco_grpc_e3m0 (not run by default): the same with
   Reduce over gRPC, as with --bulk-port -1; p2pdiloco_e3m0-huffman (not run by default): E3M0 with
-  its codes Huffman-coded on the wire (fewer bytes, more CPU);
+  its codes Huffman-coded on the wire (fewer bytes, more CPU); any of these with `_auth` appended
+  (p2pdiloco_fp32_auth, ...; `--auth` adds them) runs as a closed run's peers do: mutual TLS with a
+  throwaway run CA on gRPC and the bulk port, and every caller's certificate checked (swarm/trust.py);
 - gloo: torch.distributed all_reduce(SUM) / N (rendezvous through a FileStore, sockets on `lo`);
 - hivemind: DecentralizedAverager over a hivemind DHT, matchmaking included (that is its real cost).
 
@@ -38,6 +40,7 @@ from .wan.links import rate_bytes_per_s
 
 METHODS = ("p2pdiloco_fp32", "p2pdiloco_e3m0", "gloo", "hivemind")
 EXTRA_METHODS = ("p2pdiloco_grpc_fp32", "p2pdiloco_grpc_e3m0", "p2pdiloco_e3m0-huffman")
+AUTH = "_auth"  # a p2pdiloco method with this suffix runs closed (mutual TLS, admissions checked)
 FP32_TOL, E3M0_REL_TOL = 1e-5, 0.35
 
 
@@ -55,7 +58,7 @@ def peer_tensor(rank: int, numel: int) -> torch.Tensor:
 
 # ---- the methods, each a generator: set up, yield (reset, average), tear down
 @contextmanager
-def _p2pdiloco(codec_name, bulk, rank, peers, x, rendezvous, timeout):
+def _p2pdiloco(codec_name, bulk, rank, peers, x, rendezvous, timeout, admission=None):
     from .averaging import SyncKey
     from .codecs import get_codec
     from .swarm.channels import Channels
@@ -65,7 +68,11 @@ def _p2pdiloco(codec_name, bulk, rank, peers, x, rendezvous, timeout):
     from .swarm.servers import Servers, address
 
     codec, max_bytes = get_codec(codec_name), max(256 << 20, x.numel() * 4 + (1 << 20))
-    identity = Identity("bench", "bench", f"peer-{rank}", codec_name)
+    trust = None
+    if admission is not None:
+        from .swarm.trust import Trust
+        trust = Trust(admission)
+    identity = Identity("bench", "bench", f"peer-{rank}", codec_name, trust.cert_der if trust else b"")
     book, loop = RoundBook(identity, reduce_timeout_s=timeout), BackgroundLoop(f"bench-{rank}")
     state = {}
 
@@ -73,8 +80,8 @@ def _p2pdiloco(codec_name, bulk, rank, peers, x, rendezvous, timeout):
         raise RuntimeError("a benchmark peer has no state")
 
     async def start():
-        state["channels"] = Channels(max_bytes)  # channels belong to the loop: make them on it
-        state["servers"] = Servers(Servicer(book, no_state), max_bytes, timeout)
+        state["channels"] = Channels(max_bytes, trust)  # channels belong to the loop: make them on it
+        state["servers"] = Servers(Servicer(book, no_state, trust), max_bytes, timeout)
         return address("127.0.0.1", *await state["servers"].start("127.0.0.1", 0, 0 if bulk else -1))
 
     async def stop():
@@ -161,7 +168,7 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _worker(method, rank, peers, numel, repeats, timeout, up, down, barrier, store_path):
+def _worker(method, rank, peers, numel, repeats, timeout, up, down, barrier, store_path, admission=None):
     os.setpgid(0, 0)  # the parent kills this process group (hivemind's children included) if it must
     torch.set_num_threads(1)
     try:
@@ -173,7 +180,8 @@ def _worker(method, rank, peers, numel, repeats, timeout, up, down, barrier, sto
             return down.get(timeout=timeout)
 
         if method.startswith("p2pdiloco_"):
-            runner = _p2pdiloco(method.rsplit("_", 1)[1], "_grpc_" not in method, rank, peers, x, rendezvous, timeout)
+            codec = method.removesuffix(AUTH).rsplit("_", 1)[1]
+            runner = _p2pdiloco(codec, "_grpc_" not in method, rank, peers, x, rendezvous, timeout, admission)
         elif method == "gloo":
             runner = _gloo(rank, peers, x, rendezvous, timeout, store_path)
         else:
@@ -213,6 +221,10 @@ def run_method(method, peers, numel, repeats, timeout, progress) -> dict:
     ctx = mp.get_context("spawn")
     up, downs, barrier = ctx.Queue(), [ctx.Queue() for _ in range(peers)], ctx.Barrier(peers)
     deadline = time.monotonic() + 120 + (repeats + 3) * timeout
+    admissions = [None] * peers
+    if method.endswith(AUTH):
+        from .swarm.admission import throwaway_run
+        admissions = throwaway_run([f"peer-{rank}" for rank in range(peers)])
     with tempfile.TemporaryDirectory(prefix="bench-allreduce-") as tmp:
         procs, addrs, results = [], {}, {}
         saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME")}
@@ -222,7 +234,8 @@ def run_method(method, peers, numel, repeats, timeout, progress) -> dict:
             try:
                 for rank in range(peers):
                     p = ctx.Process(target=_worker, name=f"{method}-{rank}", args=(
-                        method, rank, peers, numel, repeats, timeout, up, downs[rank], barrier, f"{tmp}/store"))
+                        method, rank, peers, numel, repeats, timeout, up, downs[rank], barrier, f"{tmp}/store",
+                        admissions[rank]))
                     p.start()
                     procs.append(p)
             finally:
@@ -299,10 +312,15 @@ def shaped_loopback(rate: str | None):
 
 
 def run_allreduce_bench(peers: int, numel: int, json_path: str, repeats: int = 5, bandwidth: str | None = None,
-                        methods=METHODS, progress=print) -> dict:
+                        methods=METHODS, progress=print, auth: bool = False) -> dict:
     for m in methods:
-        if m not in METHODS + EXTRA_METHODS:
-            raise ValueError(f"--methods: '{m}' is unknown; choose from {', '.join(METHODS + EXTRA_METHODS)}")
+        base = m.removesuffix(AUTH) if m.startswith("p2pdiloco_") else m
+        if base not in METHODS + EXTRA_METHODS:
+            raise ValueError(f"--methods: '{m}' is unknown; choose from {', '.join(METHODS + EXTRA_METHODS)} "
+                             f"(p2pdiloco methods also with '{AUTH}' appended)")
+    if auth:  # each p2pdiloco method's closed-run twin, right after it (the same load on the machine)
+        methods = tuple(x for m in methods for x in ([m, m + AUTH] if m.startswith("p2pdiloco_")
+                                                      and not m.endswith(AUTH) else [m]))
     if peers < 2 or numel < peers or repeats < 1:
         raise ValueError("--peers must be ≥ 2, --numel ≥ --peers and --repeats ≥ 1")
     rate = rate_bytes_per_s(bandwidth, "--bandwidth") if bandwidth else 20e6  # a slow loaded 2-core host moves ≥ 20 MB/s
@@ -335,19 +353,19 @@ def cli(args) -> int:
 
     try:
         result = run_allreduce_bench(args.peers, args.numel, args.json, args.repeats, args.bandwidth,
-                                     tuple(args.methods or METHODS), progress)
+                                     tuple(args.methods or METHODS), progress, auth=args.auth)
     except BenchError as exc:
         print(f"p2pdiloco: error: {exc}", file=sys.stderr)
         return 2
     base = (result["methods"].get("gloo") or {}).get("seconds")
-    print(f"{'method':19s} {'seconds':>9s} {'vs gloo':>8s} {'cpu s':>7s} {'bytes/peer':>14s} {'max err':>9s} {'rel err':>8s}")
+    print(f"{'method':24s} {'seconds':>9s} {'vs gloo':>8s} {'cpu s':>7s} {'bytes/peer':>14s} {'max err':>9s} {'rel err':>8s}")
     for name, m in result["methods"].items():
         if m["seconds"] is None:
-            print(f"{name:19s} FAILED: {m['error'].splitlines()[-1]}")
+            print(f"{name:24s} FAILED: {m['error'].splitlines()[-1]}")
             continue
         ratio = f"{m['seconds'] / base:8.2f}" if base else f"{'-':>8s}"
         cpu = f"{m['cpu_seconds_all_peers']:7.3f}" if m.get("cpu_seconds_all_peers") is not None else f"{'-':>7s}"
-        print(f"{name:19s} {m['seconds']:9.3f} {ratio} {cpu} {m['bytes_sent_per_peer']:14,d} {m['max_abs_error']:9.2e} "
+        print(f"{name:24s} {m['seconds']:9.3f} {ratio} {cpu} {m['bytes_sent_per_peer']:14,d} {m['max_abs_error']:9.2e} "
               f"{m['max_rel_error']:8.4f}" + (f"  CHECK FAILED: {m['error']}" if m["error"] else ""))
     print(f"{result['peers']} peers, {result['numel']:,} values, median of {result['repeats']}; "
           f"{result['wall_s']:.1f}s; results in {args.json}")

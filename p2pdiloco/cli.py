@@ -1,5 +1,5 @@
-"""The `p2pdiloco` command: simulate, peer, status, local-swarm, tokenize, train-tokenizer, bench quality,
-bench allreduce, bench attack, bench resume, bench wan.
+"""The `p2pdiloco` command: simulate, peer, status, local-swarm, keygen, admit, tokenize, train-tokenizer,
+bench quality, bench allreduce, bench attack, bench resume, bench wan.
 
 Errors in configs or input print one line that says what to fix and exit with status 2;
 Ctrl-C stops with status 130 and keeps what was already written.
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument("--methods", nargs="+", metavar="NAME", help="the methods to run (default: the four of the issue; "
                            "p2pdiloco_grpc_fp32 and p2pdiloco_grpc_e3m0 run Reduce over gRPC, "
                            "p2pdiloco_e3m0-huffman Huffman-codes E3M0's codes)")
+    allreduce.add_argument("--auth", action="store_true", help="also run each p2pdiloco method as a closed run "
+                           "(mutual TLS with a throwaway run CA, every caller's admission checked), as METHOD_auth")
     allreduce.add_argument("--json", metavar="FILE", required=True)
     allreduce.set_defaults(threads=0)  # every peer process uses one thread
     attack = bench_sub.add_parser("attack", help="4 peers, one adversarial per scenario: honest loss vs a calm run")
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .swarm.cli import add_local_swarm_parser, add_peer_parser
     add_peer_parser(sub)
     add_local_swarm_parser(sub)
+    from .swarm.admission_cli import add_parsers as add_admission_parsers
+    add_admission_parsers(sub)
     return parser
 
 
@@ -99,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "local-swarm":
             from .swarm.cli import run_local_swarm_command
             return run_local_swarm_command(args, rest)
+        if args.command in ("keygen", "admit"):
+            from .swarm.admission_cli import run as run_admission_command
+            return run_admission_command(args)
         if args.command in ("peer", "status"):
             from .swarm.cli import run_peer_command, run_status_command
             return run_peer_command(args) if args.command == "peer" else run_status_command(args)

@@ -52,6 +52,10 @@ OWNER_IDLE_S = 300.0  # an owner closes a connection with no call for this long
 CALLER_IDLE_S = 60.0  # a caller does not reuse a connection idle for longer (NATs drop idle flows)
 MAX_CONNECTIONS = 256  # callers connected to one owner at once; more are refused
 MAX_REFUSAL_BYTES = 1 << 16  # a refusal's text; a longer one is a broken or hostile owner
+# Over TLS (a closed run) a message goes to the transport in pieces of this size, one per event-loop
+# turn: handed over whole, the TLS layer encrypted all of it into one growing memory buffer before
+# sending any, fresh memory whose page faults and copies cost twice the CPU of the chunked way.
+TLS_CHUNK = 1 << 16
 LENGTH = struct.Struct("<Q")
 REPLY_HEAD = struct.Struct("<BQ")
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -115,6 +119,8 @@ class Framed(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self._view, self._got, self._then = None, 0, None
         self._timer: asyncio.TimerHandle | None = None
+        self.tls = False
+        self._sending: asyncio.Future | None = None
 
     def expect(self, n: int, then, within_s: float | None = None, into: memoryview | None = None) -> None:
         """Read the next n bytes into `into` (n bytes long) or a buffer of `buffers`, then call `then`."""
@@ -142,14 +148,33 @@ class Framed(asyncio.BufferedProtocol):
             self._view = self._then = None
             then(buf)
 
+    def send(self, pieces: list) -> None:
+        """Write one message's pieces, in order (see TLS_CHUNK). One message at a time per connection."""
+        if not self.tls or sum(memoryview(p).nbytes for p in pieces) <= TLS_CHUNK:
+            self.transport.writelines(pieces)
+        else:
+            self._sending = asyncio.ensure_future(self._send_chunks(pieces))
+
+    async def _send_chunks(self, pieces: list) -> None:
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            for i in range(0, len(view), TLS_CHUNK):
+                if self.transport.is_closing():
+                    return
+                self.transport.write(view[i:i + TLS_CHUNK])
+                await asyncio.sleep(0)
+
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.tls = transport.get_extra_info("sslcontext") is not None
         sock = transport.get_extra_info("socket")
         if sock is not None:  # a peer that vanished (power, a NAT's state) is noticed, not waited on
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def connection_lost(self, exc) -> None:
         self._cancel_timer()
+        if self._sending is not None:
+            self._sending.cancel()
 
     def pause_writing(self) -> None:  # the other end does not read: stop taking its requests
         self.transport.pause_reading()
@@ -173,10 +198,13 @@ class _OwnerSide(Framed):
 
     def __init__(self, server: "BulkServer"):
         super().__init__(server.buffers)
-        self.server, self.task = server, None
+        self.server, self.task, self.peer = server, None, None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        if self.server.ssl is not None:  # TLS verified the caller's certificate: whom it names
+            from .trust import Trust
+            self.peer = Trust.tls_peer(transport.get_extra_info("peercert"))
         if len(self.server.connections) >= MAX_CONNECTIONS:
             log.warning("bulk port: %d callers connected already; refused one from %s", MAX_CONNECTIONS,
                         transport.get_extra_info("peername"))
@@ -224,7 +252,8 @@ class _OwnerSide(Framed):
 
     async def _handle(self, body: memoryview) -> None:
         try:
-            code, data = grpc.StatusCode.OK, await asyncio.wait_for(self.server.handler(body), self.server.timeout_s)
+            call = self.server.handler(body) if self.server.ssl is None else self.server.handler(body, self.peer)
+            code, data = grpc.StatusCode.OK, await asyncio.wait_for(call, self.server.timeout_s)
         except asyncio.TimeoutError:
             code, data = grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self.server.timeout_s:g}s".encode()
         except BulkError as exc:
@@ -243,22 +272,27 @@ class _OwnerSide(Framed):
 
     def _answer(self, code: grpc.StatusCode, data: bytes | list) -> None:
         pieces = data if isinstance(data, list) else [data]
-        self.transport.writelines([REPLY_HEAD.pack(code.value[0], sum(len(p) for p in pieces)), *pieces])
+        self.send([REPLY_HEAD.pack(code.value[0], sum(len(p) for p in pieces)), *pieces])
 
 
 class BulkServer:
     """This peer's bulk port. `handler(request bytes) -> reply` (bytes, or a list of buffers to
-    write one after the other) raises BulkError to refuse."""
+    write one after the other) raises BulkError to refuse. With `ssl` (a closed run, trust.py) the
+    port speaks TLS and requires a client certificate, and the handler is called as
+    `handler(request bytes, peer id the certificate names)`."""
 
-    def __init__(self, handler, max_message_bytes: int, timeout_s: float, idle_s: float = OWNER_IDLE_S):
+    def __init__(self, handler, max_message_bytes: int, timeout_s: float, idle_s: float = OWNER_IDLE_S,
+                 ssl=None):
         self.handler, self.max_message_bytes, self.timeout_s, self.idle_s = handler, max_message_bytes, timeout_s, idle_s
+        self.ssl = ssl
         self.connections: set[_OwnerSide] = set()
         self.buffers = Buffers()
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0: any free port); the port bound."""
-        self.server = await asyncio.get_running_loop().create_server(lambda: _OwnerSide(self), host, port)
+        tls = {} if self.ssl is None else {"ssl": self.ssl, "ssl_handshake_timeout": CONNECT_TIMEOUT_S}
+        self.server = await asyncio.get_running_loop().create_server(lambda: _OwnerSide(self), host, port, **tls)
         return self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -8,6 +8,7 @@ import time
 
 import grpc
 
+from .admission import SERVER_NAME
 from .bulk import (LENGTH, REPLY_HEAD, CALLER_IDLE_S, CONNECT_TIMEOUT_S, MAGIC, MAX_REFUSAL_BYTES, RETRY_BULK_S,
                    BulkError, BulkUnreachable, Buffers, Framed, status_code)
 
@@ -56,7 +57,7 @@ class _CallerSide(Framed):
         self.reply = asyncio.get_running_loop().create_future()
         self.into = into
         self.expect(REPLY_HEAD.size, self._head)
-        self.transport.writelines([LENGTH.pack(sum(len(p) for p in pieces)), *pieces])
+        self.send([LENGTH.pack(sum(len(p) for p in pieces)), *pieces])
         code, body = await self.reply
         if code != grpc.StatusCode.OK:
             raise BulkError(code, bytes(body[0]).decode(errors="replace"))
@@ -94,8 +95,8 @@ class _CallerSide(Framed):
 class BulkPool:
     """Connections to other peers' bulk ports, kept open between calls."""
 
-    def __init__(self, max_message_bytes: int):
-        self.max_message_bytes = max_message_bytes
+    def __init__(self, max_message_bytes: int, ssl=None):
+        self.max_message_bytes, self.ssl = max_message_bytes, ssl  # ssl: a closed run's client context (trust.py)
         self.idle: dict[tuple[str, int], list[_CallerSide]] = {}
         self.buffers = Buffers()
         self.unreachable_until: dict[tuple[str, int], float] = {}
@@ -107,8 +108,10 @@ class BulkPool:
         conn = None
         try:
             async with asyncio.timeout(min(CONNECT_TIMEOUT_S, timeout_s)):
+                tls = {} if self.ssl is None else {"ssl": self.ssl, "server_hostname": SERVER_NAME,
+                                                   "ssl_handshake_timeout": CONNECT_TIMEOUT_S}
                 _, conn = await asyncio.get_running_loop().create_connection(
-                    lambda: _CallerSide(self.max_message_bytes, self.buffers), host, port)
+                    lambda: _CallerSide(self.max_message_bytes, self.buffers), host, port, **tls)
                 await conn.handshake()
         except Exception as exc:  # refused, silent, closed, or something else answers: no bulk port here
             if conn is not None:

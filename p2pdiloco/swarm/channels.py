@@ -66,12 +66,15 @@ class _LibP2PReduce:
 class Channels:
     """One gRPC channel per remote address, and bulk connections (bulk.py), reused across rounds."""
 
-    def __init__(self, max_message_bytes: int):
-        self.options = channel_options(max_message_bytes)
+    def __init__(self, max_message_bytes: int, trust=None):
+        # trust: a closed run (trust.py): gRPC and the bulk port with mutual TLS and the run's CA.
+        self.options, self.trust = channel_options(max_message_bytes), trust
+        if trust is not None:
+            self.options += trust.grpc_channel_options()
         self.stubs: dict[str, pb_grpc.AveragingStub] = {}
         self.reducers: dict[str, _GrpcReduce] = {}
         self.channels: dict[str, grpc.aio.Channel] = {}
-        self.bulk = BulkPool(max_message_bytes)
+        self.bulk = BulkPool(max_message_bytes, None if trust is None else trust.client_ssl())
         self.p2p = None  # hivemind's P2P, for peers that announced a libp2p address (libp2p.py)
 
     def _libp2p(self, address: str) -> LibP2PStub:
@@ -83,7 +86,9 @@ class Channels:
         host, port, _ = split_address(address)
         target = f"{host}:{port}"
         if target not in self.channels:
-            self.channels[target] = grpc.aio.insecure_channel(target, options=self.options)
+            self.channels[target] = (grpc.aio.insecure_channel(target, options=self.options) if self.trust is None else
+                                     grpc.aio.secure_channel(target, self.trust.grpc_channel_credentials(),
+                                                             options=self.options))
         return self.channels[target]
 
     def stub(self, address: str) -> pb_grpc.AveragingStub:

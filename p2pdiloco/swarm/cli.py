@@ -24,6 +24,11 @@ SWARM_OPTIONS: list[tuple[str, str, dict]] = [
                                   "2x faster (default 0: any free port; -1: none, Reduce over gRPC)"}),
     ("--dht-port", "dht_port", {"type": int, "help": "libp2p DHT port (default 0: any free port)"}),
     ("--identity", "identity_path", {"metavar": "FILE", "help": "libp2p key file for a stable peer id"}),
+    ("--admission", "admission_dir", {"metavar": "DIR", "help": "a closed run: this peer's admission folder "
+                                      "(`p2pdiloco keygen --peer DIR`, then the owner's `p2pdiloco admit`); its "
+                                      "identity.key is the peer's --identity unless one is given"}),
+    ("--revoked", "revoked_path", {"metavar": "FILE", "help": "a closed run: peer ids no longer admitted, one per "
+                                   "line (read again when it changes)"}),
     ("--join-dir", "join_dir", {"metavar": "DIR", "help": "shared folder of live peers' addresses: publish this "
                                 "peer's there, and join through them when no --initial-peers are given"}),
     ("--transport", "transport", {"choices": ["auto", "grpc", "libp2p"], "help": "how others reach this peer; "
@@ -75,6 +80,8 @@ def add_peer_parser(sub) -> None:
     status.add_argument("--initial-peers", nargs="+", metavar="MADDR", required=True)
     status.add_argument("--run-id", default="p2pdiloco")
     status.add_argument("--json", action="store_true", help="print the records as JSON")
+    status.add_argument("--admission", metavar="DIR", help="a closed run: list only admitted peers' records, checked "
+                        "with this admission's run CA (any admitted peer's folder)")
     status.set_defaults(threads=0)
 
 
@@ -150,8 +157,14 @@ def peer_setup(args: argparse.Namespace):
     args.config = None
     given = config.merge(mapping, config.options_to_mapping(args))
     sim = config.sim_config(args, defaults=mapping)
-    return (sim, build(SwarmConfig, tables["swarm"], "swarm.").validate(sim.workers),
-            build(HardwareConfig, tables["hardware"], "hardware.").validate(sim.batch_size), given)
+    swarm = build(SwarmConfig, tables["swarm"], "swarm.").validate(sim.workers)
+    if swarm.admission_dir:  # checked up front: a peer that is not admitted exits 2 saying why
+        from dataclasses import replace
+
+        from .admission import load_admission
+        admission = load_admission(swarm.admission_dir, swarm.identity_path, swarm.revoked_path)
+        swarm = replace(swarm, identity_path=admission.identity_path)
+    return sim, swarm, build(HardwareConfig, tables["hardware"], "hardware.").validate(sim.batch_size), given
 
 
 def run_peer_command(args) -> int:
@@ -163,7 +176,11 @@ def run_peer_command(args) -> int:
 def run_status_command(args) -> int:
     from .control import ControlConfig, ControlPlane
     SwarmConfig(run_id=args.run_id, initial_peers=tuple(args.initial_peers)).validate(1)
-    control = ControlPlane(ControlConfig(args.run_id, tuple(args.initial_peers)))
+    admission = None
+    if args.admission:  # its run CA checks the records; its identity stays unused (the peer may be running)
+        from .admission import load_admission
+        admission = load_admission(args.admission)
+    control = ControlPlane(ControlConfig(args.run_id, tuple(args.initial_peers), admission=admission))
     try:
         records = control.peers()
     finally:

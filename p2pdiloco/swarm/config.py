@@ -22,6 +22,10 @@ class SwarmConfig:
     dht_port: int = 0  # libp2p port of the DHT (0: any free port)
     identity_path: str = ""  # a libp2p key file: a stable peer id, and so a stable join line
     join_dir: str = ""  # a shared folder of live peers' addresses (joindir.py): join without copying a peer id
+    # A closed run (admission.py, docs/swarm.md "Closed runs"): this peer's admission folder (run-ca.pem,
+    # peer.pem, peer.key, and identity.key unless identity_path is given); "": an open run.
+    admission_dir: str = ""
+    revoked_path: str = ""  # a closed run: a file of revoked peer ids, one per line, read again when it changes
     # How others reach this peer's data plane: grpc (host:port; auto means grpc), or libp2p (streams
     # over the DHT's daemon, for a peer that cannot accept connections). Every peer serves both.
     transport: str = "auto"
@@ -61,6 +65,8 @@ class SwarmConfig:
         if self.host in ("0.0.0.0", "::") and not self.announce_host:
             raise ValueError(f"swarm.announce_host is needed when swarm.host is {self.host}: other peers cannot "
                              f"connect to a wildcard address; pass --announce-host with this machine's reachable address")
+        if self.revoked_path and not self.admission_dir:
+            raise ValueError("swarm.revoked_path is for closed runs: give swarm.admission_dir (--admission) too")
         if self.transport not in ("grpc", "auto", "libp2p"):
             raise ValueError(f"swarm.transport '{self.transport}' is unknown; use auto, grpc or libp2p")
         for name in ("port", "dht_port"):

@@ -66,6 +66,7 @@ class ControlConfig:
     port: int = 0  # libp2p TCP port (0: any free port)
     identity_path: str | None = None  # a persistent libp2p key: the peer id, and so the join line, stays the same
     dht_timeout_s: float = 5.0  # one DHT request; a slower answer counts as no answer
+    admission: object = None  # a closed run's admission.Admission: records signed and checked (signed_records.py)
 
 
 def dht_time() -> float:
@@ -95,6 +96,11 @@ def _watched_dht_class():
     return WatchedDHT
 
 
+def _signed(value) -> bool:
+    """A closed run's signed record, as a DHT without its validator reads it (signed_records.py)."""
+    return isinstance(value, list) and len(value) == 4 and value[0] == "p2pdiloco-signed1"
+
+
 class ControlPlane:
     def __init__(self, cfg: ControlConfig):
         self.cfg = cfg
@@ -102,6 +108,9 @@ class ControlPlane:
         kwargs = {"host_maddrs": [f"/ip4/{cfg.host}/tcp/{cfg.port}"], "wait_timeout": cfg.dht_timeout_s}
         if cfg.identity_path:
             kwargs["identity_path"] = cfg.identity_path
+        if cfg.admission is not None:  # a closed run: only admitted peers' own records are kept
+            from .signed_records import AdmissionValidator
+            kwargs["record_validators"] = [AdmissionValidator(cfg.admission)]
         try:
             self.dht = _watched_dht_class()(initial_peers=list(cfg.initial_peers), start=True, **kwargs)
         except Exception as exc:  # hivemind raises P2PDaemonError, ValueError or a bare Exception
@@ -114,6 +123,7 @@ class ControlPlane:
         # An exit that skips shutdown (a second Ctrl-C) lets multiprocessing SIGTERM the DHT process,
         # which leaves its p2pd behind: stop that too.
         atexit.register(self._stop_p2pd)
+        self.closed_records = 0  # an open peer: records of a closed run's peers in the last listing (peers())
         try:
             self.peer_id = str(self._wait(self.dht.run_coroutine(_node_peer_id, return_future=True)))
             self._maddrs = [str(m) for m in self._wait(self.dht.run_coroutine(_node_maddrs, return_future=True))]
@@ -169,10 +179,13 @@ class ControlPlane:
         """Live peers of the run (state joining or training), malformed records skipped and logged."""
         self._check_alive()
         found = self._wait(self.dht.get(peers_key(self.cfg.run_id), latest=True, return_future=True))
-        out = []
+        out, closed = [], 0
         if found is None or not isinstance(found.value, dict):
             return out
         for subkey, item in found.value.items():
+            if self.cfg.admission is None and _signed(item.value):
+                closed += 1  # an admitted peer's record (signed_records.py): this open peer cannot join it
+                continue
             try:
                 rec = PeerRecord.from_dict(item.value)
             except (RecordError, TypeError) as exc:
@@ -187,6 +200,10 @@ class ControlPlane:
                 continue
             if rec.state != "left":
                 out.append(rec)
+        if closed and not self.closed_records:
+            log.warning("run '%s' has %d peer(s) of a closed run, which refuse this open peer: start it with "
+                        "--admission DIR (docs/swarm.md, 'Closed runs')", self.cfg.run_id, closed)
+        self.closed_records = closed
         return sorted(out, key=lambda r: r.peer_id)
 
     def declare(self, key: str, value: str, ttl_s: float) -> float:

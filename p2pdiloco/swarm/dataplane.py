@@ -65,10 +65,11 @@ class Identity:
     config_hash: str
     peer_id: str
     codec: str
+    cert: bytes = b""  # a closed run: this peer's admission certificate (DER), for libp2p's callees (trust.py)
 
     def caller(self) -> pb.Caller:
         return pb.Caller(run_id=self.run_id, protocol=PROTOCOL_VERSION, config_hash=self.config_hash,
-                         peer_id=self.peer_id)
+                         peer_id=self.peer_id, cert=self.cert)
 
     def check(self, caller: pb.Caller) -> None:
         if caller.protocol != PROTOCOL_VERSION:
@@ -267,11 +268,29 @@ def _reply(codec, parts: list[tuple[torch.Tensor | Encoded, float]], names: list
 
 
 class Servicer(pb_grpc.AveragingServicer):
-    def __init__(self, book: RoundBook, state_provider):
-        self.book, self.state_provider = book, state_provider
+    """`trust` (trust.py): a closed run's checks; None: an open run, anyone who knows it may call."""
+
+    def __init__(self, book: RoundBook, state_provider, trust=None):
+        self.book, self.state_provider, self.trust = book, state_provider, trust
+
+    def admit(self, caller: pb.Caller, context=None, peer: str | None = None) -> None:
+        """A closed run: Refused unless the transport proved an admitted peer that is `caller`.
+        The peer comes from gRPC's TLS (`context`), the bulk port's (`peer`), or a libp2p stream's
+        checked certificate (the context libp2p.py makes carries it as `admitted_peer`)."""
+        if self.trust is None:
+            return
+        from .trust import Denied
+        try:
+            if peer is None and context is not None:
+                peer = context.admitted_peer if hasattr(context, "admitted_peer") else self.trust.grpc_peer(context)
+            self.trust.check(caller, peer)
+        except Denied as exc:
+            self.trust.log_refusal("data-plane", peer or caller.peer_id or "?", str(exc))
+            raise Refused(exc.code, f"closed run: {exc}") from None
 
     async def reduce(self, request: pb.ReduceRequest, payload, context) -> bytes | None:
         try:
+            self.admit(request.caller, context)
             return await self.book.receive(request, payload, joined=True)
         except Refused as exc:
             log.warning("refused a part from %s: %s", request.caller.peer_id or "?", exc)
@@ -284,11 +303,12 @@ class Servicer(pb_grpc.AveragingServicer):
     async def _reduce_wire(self, request: tuple, context) -> bytes:
         return await self.reduce(*request, context)
 
-    async def reduce_bulk(self, data: memoryview) -> list:
+    async def reduce_bulk(self, data: memoryview, peer: str | None = None) -> list:
         """Reduce on the bulk port (bulk.py): the serialized request in, the serialized reply out
-        (as buffers to write one after the other)."""
+        (as buffers to write one after the other). `peer`: who TLS says is calling (a closed run)."""
         request, payload = split_request(data)
         try:
+            self.admit(request.caller, peer=peer)
             return await self.book.receive(request, payload)
         except Refused as exc:
             log.warning("refused a part from %s: %s", request.caller.peer_id or "?", exc)
@@ -297,13 +317,15 @@ class Servicer(pb_grpc.AveragingServicer):
     async def Probe(self, request: pb.ProbeRequest, context) -> pb.ProbeReply:
         """Dial a joining peer's gRPC address for it, or answer a ping (reachability.py)."""
         try:
+            self.admit(request.caller, context)
             self.book.identity.check(request.caller)
         except Refused as exc:
             await context.abort(exc.code, str(exc))
-        return await reachability.answer(self.book.identity, request)
+        return await reachability.answer(self.book.identity, request, self.trust)
 
     async def DownloadState(self, request, context):
         try:
+            self.admit(request.caller, context)
             self.book.identity.check(request.caller)
             blob = await self.state_provider(set(request.fragments) or None)
         except Refused as exc:

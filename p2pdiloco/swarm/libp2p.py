@@ -41,28 +41,47 @@ def _as_libp2p_errors(late: str):
 
 
 class _Context:
-    """What the servicer uses of a gRPC context: abort() becomes an error sent back to the caller."""
+    """What the servicer uses of a gRPC context: abort() becomes an error sent back to the caller.
+    In a closed run, `admitted_peer` is the stream's remote peer id once the caller's certificate
+    (in the request) proved it admitted (trust.py); None otherwise, which the servicer refuses."""
+
+    def __init__(self, admitted_peer: str | None = None):
+        self.admitted_peer = admitted_peer
 
     async def abort(self, code, details: str):
         raise LibP2PError(f"{code.name}: {details}")
+
+
+async def _context(servicer, caller, p2p_context) -> _Context:
+    """The servicer's context for a request from the stream's remote peer (Noise proved its id)."""
+    trust = servicer.trust
+    if trust is None:
+        return _Context()
+    from .trust import Denied
+    remote = str(p2p_context.remote_id)
+    try:
+        return _Context(trust.libp2p_peer(caller, remote))
+    except Denied as exc:
+        trust.log_refusal("libp2p", remote, str(exc))
+        await _Context().abort(exc.code, f"closed run: {exc}")
 
 
 async def serve(p2p, servicer, max_message_bytes: int) -> None:
     # Reduce travels on a libp2p stream, one message each way: p2pd caps a unary call's message at
     # 4 MiB, far below a span of a large fragment; a stream's messages have no such cap, so the size
     # is checked here, as gRPC checks `--max-message-mb`.
-    async def reduce(request: pb.ReduceRequest, _context):
+    async def reduce(request: pb.ReduceRequest, context):
         if request.ByteSize() > max_message_bytes:
             await _Context().abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a Reduce of {request.ByteSize():,} bytes is over "
                                    f"this peer's --max-message-mb ({max_message_bytes:,} bytes)")
-        yield await servicer.Reduce(request, _Context())
+        yield await servicer.Reduce(request, await _context(servicer, request.caller, context))
 
-    async def download(request: pb.StateRequest, _context):
-        async for chunk in servicer.DownloadState(request, _Context()):
+    async def download(request: pb.StateRequest, context):
+        async for chunk in servicer.DownloadState(request, await _context(servicer, request.caller, context)):
             yield chunk
 
-    async def probe(request: pb.ProbeRequest, _context) -> pb.ProbeReply:
-        return await servicer.Probe(request, _Context())
+    async def probe(request: pb.ProbeRequest, context) -> pb.ProbeReply:
+        return await servicer.Probe(request, await _context(servicer, request.caller, context))
 
     await p2p.add_protobuf_handler(PREFIX + "ReduceStream", reduce, pb.ReduceRequest, stream_output=True)
     await p2p.add_protobuf_handler(PREFIX + "DownloadState", download, pb.StateRequest, stream_output=True)

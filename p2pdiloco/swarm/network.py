@@ -27,7 +27,7 @@ from ..averaging import AverageResult, Averager, SyncKey
 from ..codecs import Encoded
 from .config import SwarmConfig
 from . import libp2p, reachability
-from .control import ControlConfig, ControlPlane
+from .control import ControlConfig, ControlPlane, SwarmStartError
 from . import servers
 from .adversary import Adversary
 from .channels import Channels
@@ -47,8 +47,41 @@ STOP_S = 5.0  # stopping the data plane's servers and channels
 
 
 def start_control(cfg: SwarmConfig) -> ControlPlane:
-    """The peer's DHT node, started before the rest so a newcomer can read the run's config first."""
-    return ControlPlane(ControlConfig(cfg.run_id, cfg.initial_peers, cfg.host, cfg.dht_port, cfg.identity_path or None))
+    """The peer's DHT node, started before the rest so a newcomer can read the run's config first.
+    With --admission it is a closed run's (admission.py): its records signed, strangers' refused;
+    an open peer that finds only a closed run's peers says so and stops."""
+    admission = _admission(cfg)
+    control = ControlPlane(ControlConfig(cfg.run_id, cfg.initial_peers, cfg.host, cfg.dht_port,
+                                         admission.identity_path if admission else cfg.identity_path or None,
+                                         admission=admission))
+    if admission is None and cfg.initial_peers and _closed_run_only(control):
+        control.shutdown()
+        raise SwarmStartError(f"run '{cfg.run_id}' is a closed run: its peers refuse peers without admission. "
+                              f"Make a request with `p2pdiloco keygen --peer DIR`, have the run's owner admit "
+                              f"it (`p2pdiloco admit`), and start this peer with --admission DIR")
+    return control
+
+
+def _admission(cfg: SwarmConfig):
+    """A closed run's admission (admission.py), or None for an open run."""
+    if not cfg.admission_dir:
+        if cfg.host not in ("localhost", "::1") and not cfg.host.startswith("127."):
+            log.warning("open run: any process that knows run id '%s' and reaches %s can join, read the model "
+                        "and send parts; make it a closed run with --admission (docs/swarm.md, 'Closed runs')",
+                        cfg.run_id, cfg.host)
+        return None
+    from .admission import load_admission
+    admission = load_admission(cfg.admission_dir, cfg.identity_path, cfg.revoked_path)
+    log.info("closed run: admitted as %s; every plane requires the run's admission", admission.peer_id)
+    return admission
+
+
+def _closed_run_only(control: ControlPlane) -> bool:
+    """An open peer: are the run's live peers all a closed run's (whose records it cannot use)?"""
+    try:
+        return not control.peers() and control.closed_records > 0
+    except TimeoutError:  # the DHT is slow: the join goes on and says so later, as before
+        return False
 
 
 class Network:
@@ -75,17 +108,23 @@ class Network:
         self._excluded_said: set[str] = set()
         self.status = {"state": "joining", "step": 0, "tokens": 0, "tokens_per_s": 0.0, "rounds": {}, "ends_at": 0.0}
         self.status.update(status or {})  # a resumed peer's counters, in its very first record
+        self.trust = None  # a closed run's TLS and admission checks (trust.py); None: an open run
         try:
             if self.control is None:
                 self.control = start_control(cfg)
             self.peer_id = self.control.peer_id
-            self.identity = Identity(cfg.run_id, config_hash, self.peer_id, codec)
+            admission = self.control.cfg.admission
+            if admission is not None:
+                from .trust import Trust
+                self.trust = Trust(admission)
+            self.identity = Identity(cfg.run_id, config_hash, self.peer_id, codec,
+                                     self.trust.cert_der if self.trust else b"")
             self.book = RoundBook(self.identity, cfg.reduce_timeout_s, aggregate)
             self.adversary = Adversary(cfg.adversary, seed=int.from_bytes(self.peer_id.encode()[-4:], "little")) if cfg.adversary else None
             if self.adversary is not None:
                 log.warning("this peer is an ADVERSARY (%s): it lies to the others on purpose (bench attack)", cfg.adversary)
                 self.book.poison = self.adversary.mean
-            self.channels = Channels(cfg.max_message_bytes)
+            self.channels = Channels(cfg.max_message_bytes, self.trust)
             # 30 s to serve, plus reachability.py's probe: twice at most a DHT read (15 s) and two peers.
             self.address = self.loop.call(self._serve(state_provider), timeout=120)
             self.me = Member(self.peer_id, self.address)
@@ -96,7 +135,7 @@ class Network:
             raise
 
     async def _serve(self, state_provider) -> str:
-        servicer = Servicer(self.book, state_provider)
+        servicer = Servicer(self.book, state_provider, self.trust)
         self.servers = Servers(servicer, self.cfg.max_message_bytes, self.cfg.reduce_timeout_s)
         port, bulk_port = await self.servers.start(self.cfg.host, self.cfg.port, self.cfg.bulk_port)
         # Every peer also serves (and can call) the libp2p transport, on the DHT's own daemon.

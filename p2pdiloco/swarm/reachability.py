@@ -42,7 +42,14 @@ _HOST_PORT = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\]):(\d{
 _DIALS = asyncio.Semaphore(4)  # probes dialled at once by one peer; more wait their turn
 
 
-async def answer(identity, request: pb.ProbeRequest) -> pb.ProbeReply:
+def dial(address: str, trust=None) -> grpc.aio.Channel:
+    """A fresh channel to `address`: mutual TLS with the run's CA in a closed run (trust.py)."""
+    if trust is None:
+        return grpc.aio.insecure_channel(address)
+    return grpc.aio.secure_channel(address, trust.grpc_channel_credentials(), options=trust.grpc_channel_options())
+
+
+async def answer(identity, request: pb.ProbeRequest, trust=None) -> pb.ProbeReply:
     """The prober's side (the caller's identity is already checked). An empty address is a ping.
     A failed dial reports only gRPC's status code, not its details."""
     if not request.address:
@@ -51,7 +58,7 @@ async def answer(identity, request: pb.ProbeRequest) -> pb.ProbeReply:
     if not m or not 0 < int(m.group(1)) < 65536:
         return pb.ProbeReply(reachable=False, detail="not a host:port address")
     async with _DIALS:
-        channel = grpc.aio.insecure_channel(request.address)
+        channel = dial(request.address, trust)
         try:
             ping = pb.ProbeRequest(caller=identity.caller())
             reply = await pb_grpc.AveragingStub(channel).Probe(ping, timeout=PING_TIMEOUT_S)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fp2pdiloco.proto\x12\x0cp2pdiloco.v1\"P\n\x06\x43\x61ller\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\r\x12\x13\n\x0b\x63onfig_hash\x18\x03 \x01(\t\x12\x0f\n\x07peer_id\x18\x04 \x01(\t\"\x94\x01\n\rReduceRequest\x12$\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x14.p2pdiloco.v1.Caller\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x10\n\x08group_id\x18\x05 \x01(\x0c\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\"J\n\x0bReduceReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\x14\n\x0ctotal_weight\x18\x03 \x01(\x01\"G\n\x0cStateRequest\x12$\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x14.p2pdiloco.v1.Caller\x12\x11\n\tfragments\x18\x02 \x03(\r\"?\n\nStateChunk\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"E\n\x0cProbeRequest\x12$\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x14.p2pdiloco.v1.Caller\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"/\n\nProbeReply\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2\xd5\x01\n\tAveraging\x12@\n\x06Reduce\x12\x1b.p2pdiloco.v1.ReduceRequest\x1a\x19.p2pdiloco.v1.ReduceReply\x12G\n\rDownloadState\x12\x1a.p2pdiloco.v1.StateRequest\x1a\x18.p2pdiloco.v1.StateChunk0\x01\x12=\n\x05Probe\x12\x1a.p2pdiloco.v1.ProbeRequest\x1a\x18.p2pdiloco.v1.ProbeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fp2pdiloco.proto\x12\x0cp2pdiloco.v1\"^\n\x06\x43\x61ller\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\r\x12\x13\n\x0b\x63onfig_hash\x18\x03 \x01(\t\x12\x0f\n\x07peer_id\x18\x04 \x01(\t\x12\x0c\n\x04\x63\x65rt\x18\x05 \x01(\x0c\"\x94\x01\n\rReduceRequest\x12$\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x14.p2pdiloco.v1.Caller\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x10\n\x08group_id\x18\x05 \x01(\x0c\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\"J\n\x0bReduceReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\x14\n\x0ctotal_weight\x18\x03 \x01(\x01\"G\n\x0cStateRequest\x12$\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x14.p2pdiloco.v1.Caller\x12\x11\n\tfragments\x18\x02 \x03(\r\"?\n\nStateChunk\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"E\n\x0cProbeRequest\x12$\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x14.p2pdiloco.v1.Caller\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"/\n\nProbeReply\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2\xd5\x01\n\tAveraging\x12@\n\x06Reduce\x12\x1b.p2pdiloco.v1.ReduceRequest\x1a\x19.p2pdiloco.v1.ReduceReply\x12G\n\rDownloadState\x12\x1a.p2pdiloco.v1.StateRequest\x1a\x18.p2pdiloco.v1.StateChunk0\x01\x12=\n\x05Probe\x12\x1a.p2pdiloco.v1.ProbeRequest\x1a\x18.p2pdiloco.v1.ProbeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'p2pdiloco_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CALLER']._serialized_start=33
-  _globals['_CALLER']._serialized_end=113
-  _globals['_REDUCEREQUEST']._serialized_start=116
-  _globals['_REDUCEREQUEST']._serialized_end=264
-  _globals['_REDUCEREPLY']._serialized_start=266
-  _globals['_REDUCEREPLY']._serialized_end=340
-  _globals['_STATEREQUEST']._serialized_start=342
-  _globals['_STATEREQUEST']._serialized_end=413
-  _globals['_STATECHUNK']._serialized_start=415
-  _globals['_STATECHUNK']._serialized_end=478
-  _globals['_PROBEREQUEST']._serialized_start=480
-  _globals['_PROBEREQUEST']._serialized_end=549
-  _globals['_PROBEREPLY']._serialized_start=551
-  _globals['_PROBEREPLY']._serialized_end=598
-  _globals['_AVERAGING']._serialized_start=601
-  _globals['_AVERAGING']._serialized_end=814
+  _globals['_CALLER']._serialized_end=127
+  _globals['_REDUCEREQUEST']._serialized_start=130
+  _globals['_REDUCEREQUEST']._serialized_end=278
+  _globals['_REDUCEREPLY']._serialized_start=280
+  _globals['_REDUCEREPLY']._serialized_end=354
+  _globals['_STATEREQUEST']._serialized_start=356
+  _globals['_STATEREQUEST']._serialized_end=427
+  _globals['_STATECHUNK']._serialized_start=429
+  _globals['_STATECHUNK']._serialized_end=492
+  _globals['_PROBEREQUEST']._serialized_start=494
+  _globals['_PROBEREQUEST']._serialized_end=563
+  _globals['_PROBEREPLY']._serialized_start=565
+  _globals['_PROBEREPLY']._serialized_end=612
+  _globals['_AVERAGING']._serialized_start=615
+  _globals['_AVERAGING']._serialized_end=828
 # @@protoc_insertion_point(module_scope)

@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Caller(_message.Message):
-    __slots__ = ("run_id", "protocol", "config_hash", "peer_id")
+    __slots__ = ("run_id", "protocol", "config_hash", "peer_id", "cert")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    CERT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     protocol: int
     config_hash: str
     peer_id: str
-    def __init__(self, run_id: _Optional[str] = ..., protocol: _Optional[int] = ..., config_hash: _Optional[str] = ..., peer_id: _Optional[str] = ...) -> None: ...
+    cert: bytes
+    def __init__(self, run_id: _Optional[str] = ..., protocol: _Optional[int] = ..., config_hash: _Optional[str] = ..., peer_id: _Optional[str] = ..., cert: _Optional[bytes] = ...) -> None: ...
 
 class ReduceRequest(_message.Message):
     __slots__ = ("caller", "kind", "index", "round", "group_id", "weight", "payload")
