@@ -134,7 +134,9 @@ class RoundBook:
     """The spans this peer owns, one `_Round` per SyncKey, kept until `reduce_timeout_s` after the
     answer (late parts are then refused rather than silently dropped)."""
 
-    def __init__(self, identity: Identity, reduce_timeout_s: float, aggregate: AggregateConfig = AggregateConfig()):
+    # The default is the plain mean (the data plane's own tests and bench allreduce); a peer's
+    # Network passes its --aggregate (centered-clip unless told otherwise).
+    def __init__(self, identity: Identity, reduce_timeout_s: float, aggregate: AggregateConfig = AggregateConfig(method="mean")):
         self.identity, self.timeout, self.aggregate = identity, reduce_timeout_s, aggregate
         self.poison = None  # bench attack's lying owner: a function of the fp32 mean (adversary.py)
         self.rounds: dict[SyncKey, _Round] = {}
