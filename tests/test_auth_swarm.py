@@ -180,7 +180,7 @@ def test_an_admitted_newcomer_downloads_the_state_over_tls(swarm, text_file, tmp
     second = swarm.start(*args, "--admission", str(tmp_path / "b"), "--initial-peers", maddr)
     second.wait_for(r"training from step 0", 120)
     newcomer = swarm.start(*args, "--admission", str(tmp_path / "c"), "--initial-peers", maddr)
-    m = newcomer.wait_for(r"downloaded the run's state \(([\d,]+) bytes, verified\).*joining at step (\d+)", 120)
+    m = newcomer.wait_for(r"downloaded the run's state \(([\d,]+) bytes, verified: 2 donors agree\).*joining at step (\d+)", 120)
     assert int(m.group(2)) > 0
     for p in (first, second, newcomer):
         p.signal(signal.SIGTERM)
