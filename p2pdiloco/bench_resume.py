@@ -13,12 +13,11 @@ from __future__ import annotations
 import re
 import signal
 import os
-import subprocess
 import time
 from pathlib import Path
 
 from .simulate import write_json
-from .swarm.local import PeerProcess
+from .swarm.local import PeerProcess, finish
 
 CHECKPOINT = re.compile(r"\[peer\] checkpoint at step (\d+)")
 RESUMED = re.compile(r"\[peer\] resumed from \S+ at step (\d+)")
@@ -32,25 +31,6 @@ def _start(peers: int, common: list[str], workdir: Path, echo, extra: list[str] 
                 *extra, *join]
         procs.append(PeerProcess(f"peer{i}", args, workdir / f"peer{i}" / ("resumed" if extra else "run"), echo))
     return procs
-
-
-def _finish(procs: list[PeerProcess], deadline: float) -> list[dict]:
-    try:
-        for p in procs:
-            try:
-                p.proc.wait(max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"{p.name} did not finish within --timeout (see {p.workdir / 'peer.log'})") from None
-    finally:
-        for p in procs:
-            p.stop()
-    summaries = []
-    for p in procs:
-        s = p.summary()
-        if s is None:
-            raise RuntimeError(f"{p.name} failed (exit {p.proc.returncode}); its log: {p.workdir / 'peer.log'}")
-        summaries.append(s)
-    return summaries
 
 
 def _wait_for_checkpoints(procs: list[PeerProcess], stop_at: int, deadline: float) -> dict[str, int]:
@@ -83,7 +63,7 @@ def run_resume_bench(peers: int, peer_args: list[str], workdir: Path, json_path:
     start = time.monotonic()
     echo("[bench resume] the uninterrupted run")
     procs = _start(peers, common, workdir / "uninterrupted", echo)
-    uninterrupted = _result(_finish(procs, start + timeout_s), time.monotonic() - start)
+    uninterrupted = _result(finish(procs, start + timeout_s), time.monotonic() - start)
 
     echo(f"[bench resume] the interrupted run: checkpoints every {checkpoint_every} steps, SIGKILL of every peer "
          f"{kill_after_s:g}s after all have one at step {stop_at} or later")
@@ -104,7 +84,7 @@ def run_resume_bench(peers: int, peer_args: list[str], workdir: Path, json_path:
     echo(f"[bench resume] killed; last checkpoints at steps {saved}; restarting every peer with --resume auto")
     procs = _start(peers, [*common, "--checkpoint-every", str(checkpoint_every)], interrupted_dir, echo,
                    extra=["--resume", "auto"])
-    summaries = _finish(procs, t0 + 2 * timeout_s)
+    summaries = finish(procs, t0 + 2 * timeout_s)
     resumed = _result(summaries, time.monotonic() - t0)
     resumed["checkpoint_steps_at_kill"] = list(saved.values())
     resumed["resumed_from_steps"] = [int(m.group(1)) for p in procs for line in p.lines for m in [RESUMED.search(line)] if m]

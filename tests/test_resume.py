@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from p2pdiloco.config import build
-from p2pdiloco.simulate import SimConfig, Simulation, evaluate
+from p2pdiloco.simulate import SimConfig, Simulation
 from p2pdiloco.swarm import checkpoint as ckpts
 from p2pdiloco.swarm.config import SwarmConfig
 from peers import TINY

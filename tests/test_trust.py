@@ -1,5 +1,4 @@
 """Trust between peers: donors cross-checked (state.agreed), and an adversarial peer in a real swarm."""
-import copy
 import io
 import json
 import math

@@ -92,14 +92,24 @@ def run_local_swarm(peers: int, peer_args: list[str], workdir: Path, timeout_s: 
         address = procs[0].join_address(timeout=120)
         for i in range(1, peers):
             procs.append(PeerProcess(f"peer{i}", [*args, "--initial-peers", address], workdir / f"peer{i}", echo))
+    except BaseException:
         for p in procs:
-            left = max(1.0, timeout_s - (time.monotonic() - start))
+            p.stop()
+        raise
+    return {"peers": finish(procs, start + timeout_s), "wall_s": time.monotonic() - start}
+
+
+def finish(procs: list[PeerProcess], deadline: float, also: list[PeerProcess] = ()) -> list[dict]:
+    """Wait until `deadline` (time.monotonic()) for `procs` and `also` to exit, stop whatever is
+    left, and return the summaries of `procs`; RuntimeError naming the peer's log if one failed."""
+    try:
+        for p in [*procs, *also]:
             try:
-                p.proc.wait(left)
+                p.proc.wait(max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                raise RuntimeError(f"{p.name} did not finish within --timeout {timeout_s:.0f}s") from None
+                raise RuntimeError(f"{p.name} did not finish in time (see {p.workdir / 'peer.log'})") from None
     finally:
-        for p in procs:
+        for p in [*procs, *also]:
             p.stop()
     summaries = []
     for p in procs:
@@ -107,7 +117,7 @@ def run_local_swarm(peers: int, peer_args: list[str], workdir: Path, timeout_s: 
         if summary is None:
             raise RuntimeError(f"{p.name} failed (exit {p.proc.returncode}); its log: {p.workdir / 'peer.log'}")
         summaries.append(summary)
-    return {"peers": summaries, "wall_s": time.monotonic() - start}
+    return summaries
 
 
 def print_summary(result: dict, out=print) -> None:
