@@ -45,13 +45,11 @@ class Adversary:
                 return codec.encode(torch.full((enc.numel,), 3e38)), weight
             return Encoded(codec, enc.numel, torch.full_like(enc.scales, 254), enc.values.clone()), weight
         if self.kind == "garbage":
+            if not codec.decodes_finite:  # a cast codec's random bits may be NaN, which owners refuse on sight
+                return codec.encode(torch.randn(enc.numel, generator=self.gen) * 1e30), weight
             scales = torch.randint(0, 256, (enc.scales.numel() * enc.scales.element_size(),), generator=self.gen,
                                    dtype=torch.uint8).view(enc.scales.dtype) if enc.scales.numel() else enc.scales
-            if enc.scales.dtype.is_floating_point:  # a float scale of random bits may be NaN: the owner refuses it
-                scales = torch.randn(enc.scales.numel(), generator=self.gen).to(enc.scales.dtype) * 1e30
             values = torch.randint(0, 256, (enc.values.numel(),), generator=self.gen, dtype=torch.uint8)
-            if not codec.decodes_finite:
-                return codec.encode(torch.randn(enc.numel, generator=self.gen) * 1e30), weight
             return Encoded(codec, enc.numel, scales, values), weight
         if self.kind == "replay":
             old = self.first.setdefault((key.kind, key.index), enc)

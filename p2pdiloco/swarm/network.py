@@ -6,7 +6,7 @@ Timeouts (all in `SwarmConfig`, swarm/config.py):
 - `matchmaking_s`: how long a peer waits for the other live peers to declare a round;
 - `reduce_timeout_s`: how long an owner waits for the parts of its span, and a member for an answer;
 - `record_ttl_s`: a peer whose heartbeat stops is no longer listed after this;
-- `join_timeout_s`: one state download attempt from one donor.
+- `join_timeout_s`: one state download attempt (from up to `VERIFY_DONORS` donors at once).
 
 Leaving (`close`) is bounded as a whole, whatever state the DHT is in: a dead DHT process (killed,
 or signalled with the whole process group) is skipped at once, a live one gets `LEAVE_S` to take the
@@ -102,7 +102,6 @@ class Network:
         self.group_sizes: dict[int, int] = {}  # averages completed, by group size
         self.matchmaking_s: list[float] = []  # each completed average's wait for its group
         self.averaged_with: set[str] = set()  # peers whose parts were in an average this peer applied
-        self.last_download_agree = 0  # donors that agreed on the last downloaded state
         self._refusals: dict[str, list[float]] = {}  # owner -> when its means failed my check
         self.excluded: set[str] = set()  # peers most others refuse: left out of every group
         self._excluded_said: set[str] = set()
@@ -257,10 +256,11 @@ class Network:
                  len(result.participants), group.waited_s)
         return result
 
-    def download(self, donors: list[PeerRecord], fragments: set[int] | None = None) -> bytes:
-        """The run's state, cross-checked: downloaded from up to `VERIFY_DONORS` donors at once, and
-        taken only if at least two of them agree on every global copy (state.agreed). A run with a
-        single live donor has nobody to compare with: its state is taken, with a warning."""
+    def download(self, donors: list[PeerRecord], fragments: set[int] | None = None) -> tuple[bytes, int]:
+        """The run's state and how many donors agreed on it: downloaded from up to `VERIFY_DONORS`
+        donors at once, and taken only if at least two of them agree on every global copy
+        (state.agreed). A run with a single live donor has nobody to compare with: its state is
+        taken, with a warning."""
         picked = random.sample(donors, min(len(donors), VERIFY_DONORS))
         results = self.loop.call(self._download_all(picked, fragments), timeout=self.cfg.join_timeout_s + 5)
         blobs, errors = {}, []
@@ -277,11 +277,9 @@ class Network:
                 raise StateError(f"only 1 of {len(picked)} donors gave its state; no second copy to check it against "
                                  f"({'; '.join(errors)})")
             log.warning("one live donor: its state is taken without a second copy to check it against")
-            self.last_download_agree = 1
-            return next(iter(blobs.values()))
+            return next(iter(blobs.values())), 1
         _, blob, agreeing = agreed(blobs, fragments)
-        self.last_download_agree = agreeing
-        return blob
+        return blob, agreeing
 
     async def _download_all(self, donors: list[PeerRecord], fragments: set[int] | None) -> list:
         async def one(rec):

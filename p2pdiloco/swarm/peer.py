@@ -166,7 +166,7 @@ class Peer:
             if donors:
                 t0 = time.perf_counter()
                 try:
-                    blob = self.net.download(donors)
+                    blob, agree = self.net.download(donors)
                 except StateError as exc:  # donors that disagree (or failed): ask again, until --join-timeout
                     if time.monotonic() > deadline:
                         raise
@@ -179,7 +179,6 @@ class Peer:
                 # A fragment whose average was in flight at the donor is a round behind in the copy.
                 w.missed = {f for f in range(len(w.offsets))
                             if w.applied_rounds.get(f, -1) < w.schedule.next_round(f, w.step) - 1}
-                agree = self.net.last_download_agree
                 self.out(f"[peer] downloaded the run's state ({len(blob):,} bytes, verified: "
                          f"{f'{agree} donors agree' if agree > 1 else 'one donor, nobody to compare with'}) in "
                          f"{time.perf_counter() - t0:.1f}s; {'re' if self.resumed else ''}joining at step {self.worker.step}")
@@ -256,7 +255,7 @@ class Peer:
                 log.warning("catching up: could not list the peers: %s", exc)
                 donors = []
             try:
-                updated = catch_up(w, self.net.download(donors, set(w.missed)), set(w.missed)) if donors else []
+                updated = catch_up(w, self.net.download(donors, set(w.missed))[0], set(w.missed)) if donors else []
             except StateError as exc:
                 log.warning("catching up failed: %s", exc)
                 updated = []
