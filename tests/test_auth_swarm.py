@@ -59,7 +59,7 @@ def _stranger(maddr: str, run_id: str, admitted_cert_der: bytes) -> dict:
         (owner_id, owner), = records.items()
         # A record of its own, and a round declaration, in the run's keys.
         forged = PeerRecord(me, "127.0.0.1:9", [], PROTOCOL_VERSION, owner["config_hash"], owner["config"], "training")
-        got["dht_store"] = dht.store(peers_key(run_id), forged.to_dict(), dht_time() + 120, subkey=me)
+        dht.store(peers_key(run_id), forged.to_dict(), dht_time() + 120, subkey=me)
         dht.store(f"p2pdiloco/{run_id}/round/fragment/0/1", "127.0.0.1:9", dht_time() + 120, subkey=me)
         host, port, bulk = split_address(owner["address"])
         caller = pb.Caller(run_id=run_id, protocol=PROTOCOL_VERSION, config_hash=owner["config_hash"], peer_id=me)
@@ -84,11 +84,13 @@ def _stranger(maddr: str, run_id: str, admitted_cert_der: bytes) -> dict:
             p2p = await dht.replicate_p2p()
             stub = LibP2PStub(p2p, f"p2p:{owner_id}")
             # Generous timeouts: a refusal must be told apart from a slow answer on a loaded machine.
-            await attempt("libp2p_reduce", stub.Reduce(request(caller), timeout=40))
-            await attempt("libp2p_reduce_stolen_cert", stub.Reduce(request(stolen), timeout=40))
-            await attempt("libp2p_download", download_state(stub, stolen, 40, 1 << 30))
-            await channels.close()
-            await p2p.shutdown()
+            try:
+                await attempt("libp2p_reduce", stub.Reduce(request(caller), timeout=40))
+                await attempt("libp2p_reduce_stolen_cert", stub.Reduce(request(stolen), timeout=40))
+                await attempt("libp2p_download", download_state(stub, stolen, 40, 1 << 30))
+            finally:
+                await channels.close()
+                await p2p.shutdown()
 
         loop.call(everything(), timeout=300)
     finally:

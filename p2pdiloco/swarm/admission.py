@@ -165,7 +165,7 @@ def make_peer_request(peer_dir: str | Path, identity_path: str | Path | None = N
         P2P.generate_identity(str(identity))
     peer_id = identity_peer_id(identity)
     if (peer_dir / PEER_KEY).exists():
-        key = serialization.load_pem_private_key((peer_dir / PEER_KEY).read_bytes(), password=None)
+        key = serialization.load_pem_private_key(_read(peer_dir / PEER_KEY, "this peer's TLS key"), password=None)
     else:
         key = ec.generate_private_key(ec.SECP256R1())
         _write(peer_dir / PEER_KEY, _key_pem(key), private=True)

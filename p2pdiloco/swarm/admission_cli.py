@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .admission import DEFAULT_DAYS, PEER_CERT, PEER_CSR
+from .admission import CA_KEY, DEFAULT_DAYS, PEER_CA, PEER_CERT, PEER_CSR
 
 
 def add_parsers(sub) -> None:
@@ -32,10 +32,10 @@ def run(args) -> int:
     if args.command == "admit":
         peer_id = admit(args.ca, args.request, args.out, args.days)
         print(f"admitted peer {peer_id} for {args.days:g} days: {args.out} (give the peer this file and "
-              f"{Path(args.out).parent / 'run-ca.pem'})")
+              f"{Path(args.out).parent / PEER_CA})")
         return 0
     if args.run:
-        print(f"run CA: {make_run_ca(args.run, args.name)}; keep {Path(args.run) / 'ca.key'} private")
+        print(f"run CA: {make_run_ca(args.run, args.name)}; keep {Path(args.run) / CA_KEY} private")
         return 0
     peer_id = make_peer_request(args.peer, args.identity)
     d = Path(args.peer)

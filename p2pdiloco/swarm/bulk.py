@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
+from .trust import tls_peer
+
 log = logging.getLogger("p2pdiloco.dataplane")
 
 MAGIC = b"p2pdiloco-bulk1\n"
@@ -54,7 +56,7 @@ MAX_CONNECTIONS = 256  # callers connected to one owner at once; more are refuse
 MAX_REFUSAL_BYTES = 1 << 16  # a refusal's text; a longer one is a broken or hostile owner
 # Over TLS (a closed run) a message goes to the transport in pieces of this size, one per event-loop
 # turn: handed over whole, the TLS layer encrypted all of it into one growing memory buffer before
-# sending any, fresh memory whose page faults and copies cost twice the CPU of the chunked way.
+# sending any, fresh memory whose page faults and copies cost more CPU than the encryption.
 TLS_CHUNK = 1 << 16
 LENGTH = struct.Struct("<Q")
 REPLY_HEAD = struct.Struct("<BQ")
@@ -203,8 +205,7 @@ class _OwnerSide(Framed):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         if self.server.ssl is not None:  # TLS verified the caller's certificate: whom it names
-            from .trust import Trust
-            self.peer = Trust.tls_peer(transport.get_extra_info("peercert"))
+            self.peer = tls_peer(transport.get_extra_info("peercert"))
         if len(self.server.connections) >= MAX_CONNECTIONS:
             log.warning("bulk port: %d callers connected already; refused one from %s", MAX_CONNECTIONS,
                         transport.get_extra_info("peername"))

@@ -14,7 +14,6 @@ from .dataplane import Servicer, serve
 class Servers:
     def __init__(self, servicer: Servicer, max_message_bytes: int, reduce_timeout_s: float):
         self.servicer, self.max_message_bytes, self.timeout_s = servicer, max_message_bytes, reduce_timeout_s
-        self.trust = servicer.trust  # a closed run: both ports speak TLS with the run's CA (trust.py)
         self.grpc: grpc.aio.Server | None = None
         self.bulk: BulkServer | None = None
 
@@ -25,8 +24,9 @@ class Servers:
         self.grpc = grpc.aio.server(options=channel_options(self.max_message_bytes) + [("grpc.so_reuseport", 0)])
         serve(self.servicer, self.grpc)
         try:
-            port = (self.grpc.add_insecure_port(f"{host}:{port}") if self.trust is None else
-                    self.grpc.add_secure_port(f"{host}:{port}", self.trust.grpc_server_credentials()))
+            trust = self.servicer.trust  # a closed run: both ports speak TLS with the run's CA (trust.py)
+            port = (self.grpc.add_insecure_port(f"{host}:{port}") if trust is None else
+                    self.grpc.add_secure_port(f"{host}:{port}", trust.grpc_server_credentials()))
             if port == 0:
                 raise RuntimeError("bind failed")
         except RuntimeError as exc:
@@ -36,7 +36,7 @@ class Servers:
         if bulk_port < 0:
             return port, None
         self.bulk = BulkServer(self.servicer.reduce_bulk, self.max_message_bytes, self.timeout_s,
-                               ssl=None if self.trust is None else self.trust.server_ssl())
+                               ssl=None if self.servicer.trust is None else self.servicer.trust.server_ssl())
         try:
             return port, await self.bulk.start(host, bulk_port)
         except OSError as exc:

@@ -13,6 +13,7 @@ import asyncio
 import copy
 import hashlib
 import io
+import logging
 
 import grpc
 import torch
@@ -20,6 +21,8 @@ import torch
 from ..streaming import Worker
 from .gen import p2pdiloco_pb2 as pb
 from .libp2p import LibP2PError
+
+log = logging.getLogger("p2pdiloco.state")
 
 FORMAT = 1
 
@@ -139,8 +142,7 @@ def agreed(blobs: dict[str, bytes], fragments: set[int] | None = None) -> tuple[
     who = next(w for w, p in prints.items() if p == best[0])
     liars = [w[-8:] for w, p in prints.items() if p != best[0]]
     if liars:
-        import logging
-        logging.getLogger("p2pdiloco.state").warning(
+        log.warning(
             "donor(s) %s disagree with the majority of %d; their state is ignored", ", ".join(liars), best[1])
     return who, blobs[who], best[1]
 

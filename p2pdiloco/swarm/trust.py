@@ -9,7 +9,8 @@ the certificates themselves).
 On every plane the certificate's peer id must be the caller's `peer_id` (an admitted peer cannot
 speak for another) and not be revoked. A refusal answers the caller with UNAUTHENTICATED or
 PERMISSION_DENIED and is logged at most once per `LOG_EVERY_S` per caller, so a stranger's attempts
-cost an honest peer a TLS handshake each (bounded by `HANDSHAKE_TIMEOUT_S`) and no log flood.
+cost an honest peer a TLS handshake each (bounded by bulk.CONNECT_TIMEOUT_S on the bulk port) and
+no log flood.
 """
 from __future__ import annotations
 
@@ -23,8 +24,15 @@ from .admission import SERVER_NAME, Admission, AdmissionError
 
 log = logging.getLogger("p2pdiloco.trust")
 
-HANDSHAKE_TIMEOUT_S = 5.0  # a TLS handshake on the bulk port
 LOG_EVERY_S = 10.0
+
+
+def tls_peer(peercert: dict | None) -> str | None:
+    """The peer id in a verified TLS peer's certificate, as ssl's getpeercert() gives it."""
+    if not peercert:
+        return None
+    names = [v for rdn in peercert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    return names[0] if len(names) == 1 else None
 
 
 class Denied(Exception):
@@ -41,6 +49,9 @@ class Trust:
         self.verifier = admission.verifier()
         self.cert_der = admission.cert_der
         self._logged: dict[str, float] = {}
+        a = admission  # one set of channel credentials for every channel this peer opens
+        self._channel_credentials = grpc.ssl_channel_credentials(root_certificates=a.ca_pem, private_key=a.key_pem,
+                                                                 certificate_chain=a.cert_pem)
 
     # ---- credentials for each transport
     def grpc_server_credentials(self) -> grpc.ServerCredentials:
@@ -49,9 +60,7 @@ class Trust:
                                            require_client_auth=True)
 
     def grpc_channel_credentials(self) -> grpc.ChannelCredentials:
-        a = self.admission
-        return grpc.ssl_channel_credentials(root_certificates=a.ca_pem, private_key=a.key_pem,
-                                            certificate_chain=a.cert_pem)
+        return self._channel_credentials
 
     @staticmethod
     def grpc_channel_options() -> list[tuple[str, str]]:
@@ -86,13 +95,6 @@ class Trust:
             raise Denied(grpc.StatusCode.UNAUTHENTICATED, "no admission certificate: this is a closed run")
         return names[0].decode(errors="replace")
 
-    @staticmethod
-    def tls_peer(peercert: dict | None) -> str | None:
-        """The peer id in a verified TLS peer's certificate, as ssl's getpeercert() gives it."""
-        if not peercert:
-            return None
-        names = [v for rdn in peercert.get("subject", ()) for k, v in rdn if k == "commonName"]
-        return names[0] if len(names) == 1 else None
 
     def libp2p_peer(self, caller, remote_id: str) -> str:
         """The caller's certificate (in the request) must be the run's and name the stream's peer id."""
