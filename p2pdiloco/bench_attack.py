@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .swarm.adversary import KINDS
-from .swarm.local import PeerProcess, finish
+from .swarm.local import PeerProcess, finish, start_peers
 
 # The issue's setting: the micro model, 240 steps, H = 20, P = 2 (a calm run of a few minutes here).
 TRAINING = ["--model", "micro", "--steps", "240", "--H", "20", "--fragments", "2", "--batch-size", "8",
@@ -37,30 +37,22 @@ def run_scenario(name: str, workdir: Path, peer_args: list[str], adversary: str 
     """One run of `peers` peer processes; the last is `adversary` if given. With `admissions`, a
     closed run (peer i admitted by admissions[i]); each of `strangers` (its own options) then tries
     to join it once the first peer is up. Returns each peer's summary and the strangers' exit codes."""
-    procs: list[PeerProcess] = []
-    others: list[PeerProcess] = []
-    start, address = time.monotonic(), ""
+    start = time.monotonic()
     quiet = lambda line: None  # noqa: E731 -- peers' logs are in their folders
-    try:
-        for i in range(peers):
-            args = [*peer_args, "--shard", str(i), "--wait-for-peers", str(peers), "--json", "summary.json",
-                    "--run-id", f"attack-{name}"]
-            if i:
-                args += ["--initial-peers", address]
-            if adversary and i == peers - 1:
-                args += ["--adversary", adversary]
-            if admissions:
-                args += ["--admission", admissions[i]]
-            procs.append(PeerProcess(f"peer{i}", args, workdir / name / f"peer{i}", quiet))
-            if i == 0:
-                address = procs[0].join_address(timeout=120)
-                others = [PeerProcess(f"stranger{j}", [*peer_args, *extra, "--run-id", f"attack-{name}",
-                                                       "--initial-peers", address, "--join-timeout", "20"],
-                                      workdir / name / f"stranger{j}", quiet) for j, extra in enumerate(strangers)]
-    except BaseException:
-        for p in procs + others:
-            p.stop()
-        raise
+
+    def argv(i: int) -> list[str]:
+        args = [*peer_args, "--shard", str(i), "--wait-for-peers", str(peers), "--json", "summary.json",
+                "--run-id", f"attack-{name}"]
+        if adversary and i == peers - 1:
+            args += ["--adversary", adversary]
+        return args + (["--admission", admissions[i]] if admissions else [])
+
+    def knock(address: str) -> list[PeerProcess]:
+        return [PeerProcess(f"stranger{j}", [*peer_args, *extra, "--run-id", f"attack-{name}", "--initial-peers",
+                                             address, "--join-timeout", "20"], workdir / name / f"stranger{j}", quiet)
+                for j, extra in enumerate(strangers)]
+
+    procs, others = start_peers(peers, argv, lambda i: workdir / name / f"peer{i}", quiet, then=knock)
     summaries = finish(procs, start + timeout_s, also=others)
     echo(f"[bench attack] {name}: eval loss " + " ".join(f"{s['eval_loss']:.4f}" for s in summaries)
          + f" ({time.monotonic() - start:.0f}s)")

@@ -17,20 +17,16 @@ import time
 from pathlib import Path
 
 from .simulate import write_json
-from .swarm.local import PeerProcess, finish
+from .swarm.local import PeerProcess, finish, start_peers
 
 CHECKPOINT = re.compile(r"\[peer\] checkpoint at step (\d+)")
 RESUMED = re.compile(r"\[peer\] resumed from \S+ at step (\d+)")
 
 
 def _start(peers: int, common: list[str], workdir: Path, echo, extra: list[str] = ()) -> list[PeerProcess]:
-    procs = []
-    for i in range(peers):
-        join = ["--initial-peers", procs[0].join_address(timeout=120)] if i else []
-        args = [*common, "--shard", str(i), "--checkpoint-dir", str((workdir / f"peer{i}" / "checkpoints").resolve()),
-                *extra, *join]
-        procs.append(PeerProcess(f"peer{i}", args, workdir / f"peer{i}" / ("resumed" if extra else "run"), echo))
-    return procs
+    return start_peers(peers, lambda i: [*common, "--shard", str(i), "--checkpoint-dir",
+                                         str((workdir / f"peer{i}" / "checkpoints").resolve()), *extra],
+                       lambda i: workdir / f"peer{i}" / ("resumed" if extra else "run"), echo)[0]
 
 
 def _wait_for_checkpoints(procs: list[PeerProcess], stop_at: int, deadline: float) -> dict[str, int]:
@@ -71,7 +67,7 @@ def run_resume_bench(peers: int, peer_args: list[str], workdir: Path, json_path:
     interrupted_dir = workdir / "interrupted"
     procs = _start(peers, [*common, "--checkpoint-every", str(checkpoint_every)], interrupted_dir, echo)
     try:
-        saved = _wait_for_checkpoints(procs, stop_at, t0 + timeout_s)
+        _wait_for_checkpoints(procs, stop_at, t0 + timeout_s)
         time.sleep(kill_after_s)
         saved = _wait_for_checkpoints(procs, stop_at, t0 + timeout_s)  # those written meanwhile count
         for p in procs:

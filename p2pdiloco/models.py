@@ -246,10 +246,22 @@ def model_info(spec: str, vocab_size: int | None = None) -> ModelInfo:
 def model_fingerprint(spec: str) -> str:
     """What must be equal for two peers' `--model` to be the same model: the name of a built-in,
     the content of a config (not its path: peers keep files in different places), the config and
-    weights of a pretrained folder; for module:function, the name and its module's source."""
+    weights of a pretrained folder; for module:function, the name and its module's source.
+    Computed once per content: a peer asks for it several times at start (config hash, run config),
+    and a pretrained folder's weights may be gigabytes."""
     kind = model_kind(spec)
     if kind in ("builtin", "hf-name"):
         return spec
+    if kind == "function":
+        return _fingerprint(spec, kind, ())
+    path = Path(spec)
+    files = [path / "config.json" if path.is_dir() else path] + (_weight_files(path) if kind == "hf-pretrained" else [])
+    return _fingerprint(spec, kind, tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(spec: str, kind: str, stamps: tuple) -> str:
+    """model_fingerprint's hashing; `stamps` (each file's mtime and size) keys the cache."""
     h = hashlib.sha256()
     if kind == "function":
         h.update(spec.encode())

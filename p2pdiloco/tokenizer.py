@@ -54,10 +54,17 @@ def token_dtype(vocab: int) -> np.dtype:
 
 
 def fingerprint(path: str) -> str:
-    """What must be equal for two peers to read text the same way: the tokenizer's content."""
+    """What must be equal for two peers to read text the same way: the tokenizer's content (hashed
+    once per content: a peer asks for it several times at start)."""
     p = Path(path)
     p = p / "tokenizer.json" if p.is_dir() else p
-    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    st = p.stat()
+    return _fingerprint(str(p), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(path: str, mtime_ns: int, size: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def encode_documents(tokenizer, docs: Iterable[str], batch: int = 256) -> Iterator[np.ndarray]:

@@ -129,7 +129,6 @@ def test_auto_takes_the_newest_checkpoint_no_live_peer_holds(tmp_path, text_file
     sim = trained(cfg, 2, small_corpus)
     old, new = tmp_path / "p2pdiloco" / "old.pt", tmp_path / "p2pdiloco" / "new.pt"
     save(sim, cfg, swarm, old)
-    time.sleep(0.05)
     save(sim, cfg, swarm, new)
     os.utime(old, (time.time() - 60, time.time() - 60))
     first = ckpts.open_for_resume(cfg, swarm)

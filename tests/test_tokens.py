@@ -57,9 +57,15 @@ def test_tokenize_jsonl_writes_shards_that_data_reads(tmp_path, tokenizer_file, 
     first = json.loads(jsonl_file.read_text().splitlines()[0])["text"]
     ids = tok.encode(first, add_special_tokens=False).ids
     assert list(corpus.tokens[: len(ids) + 1]) == ids + [tok.token_to_id(END_OF_TEXT)]
-    # Text encoded on the fly gives the same stream as the shards of the same documents.
     x, y = corpus.batch(np.array([0]))
     assert x.shape == (1, 32) and (x[0, 1:] == y[0, :-1]).all()
+
+
+def test_text_encoded_on_the_fly_is_the_stream_its_shards_hold(tmp_path, tokenizer_file, text_file):
+    shards.tokenize([str(text_file)], tokenizer_file, str(tmp_path / "out"), progress=False)
+    on_the_fly = Corpus.load(DataConfig(paths=(str(text_file),), seq_len=32, tokenizer=tokenizer_file)).tokens
+    sharded = Corpus.load(DataConfig(paths=(str(tmp_path / "out"),), seq_len=32, tokenizer=tokenizer_file)).tokens
+    assert len(on_the_fly) > 1000 and np.array_equal(np.asarray(on_the_fly), np.asarray(sharded))
 
 
 def test_tokenize_reads_parquet_and_jsonl_without_datasets_too(tmp_path, tokenizer_file, jsonl_file, monkeypatch):

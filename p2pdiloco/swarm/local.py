@@ -83,19 +83,29 @@ class PeerProcess:
         self.proc.wait()
 
 
-def run_local_swarm(peers: int, peer_args: list[str], workdir: Path, timeout_s: float, echo=print) -> dict:
+def start_peers(peers: int, argv, folder, echo, then=lambda address: []) -> tuple[list[PeerProcess], list[PeerProcess]]:
+    """Peer 0 (options `argv(0)`, in `folder(0)`), then peers 1.. joining through its join line;
+    `then(address)` starts more processes once that line is known. If anything fails, every process
+    started so far is stopped. Returns (the peers, what `then` started)."""
     procs: list[PeerProcess] = []
-    start = time.monotonic()
+    more: list[PeerProcess] = []
     try:
-        args = [*peer_args, "--wait-for-peers", str(peers), "--json", "summary.json", "--run-id", "local"]
-        procs.append(PeerProcess("peer0", args, workdir / "peer0", echo))
+        procs.append(PeerProcess("peer0", argv(0), folder(0), echo))
         address = procs[0].join_address(timeout=120)
+        more = then(address)
         for i in range(1, peers):
-            procs.append(PeerProcess(f"peer{i}", [*args, "--initial-peers", address], workdir / f"peer{i}", echo))
+            procs.append(PeerProcess(f"peer{i}", [*argv(i), "--initial-peers", address], folder(i), echo))
     except BaseException:
-        for p in procs:
+        for p in procs + more:
             p.stop()
         raise
+    return procs, more
+
+
+def run_local_swarm(peers: int, peer_args: list[str], workdir: Path, timeout_s: float, echo=print) -> dict:
+    start = time.monotonic()
+    args = [*peer_args, "--wait-for-peers", str(peers), "--json", "summary.json", "--run-id", "local"]
+    procs, _ = start_peers(peers, lambda i: args, lambda i: workdir / f"peer{i}", echo)
     return {"peers": finish(procs, start + timeout_s), "wall_s": time.monotonic() - start}
 
 
