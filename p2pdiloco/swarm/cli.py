@@ -110,7 +110,8 @@ def run_local_swarm_command(args, peer_args: list[str]) -> int:
     return 0
 
 
-PATH_OPTIONS = ("--data", "--tokenizer", "--model", "--config", "--profile", "--identity", "--join-dir")
+PATH_OPTIONS = ("--data", "--tokenizer", "--model", "--config", "--profile", "--identity", "--join-dir",
+                "--admission", "--revoked")
 
 
 def absolute_paths(peer_args: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from .. import procfs
-from .records import PeerRecord, RecordError, peers_key
+from .records import PeerRecord, RecordError, is_signed, peers_key
 from .watchdog import children
 
 log = logging.getLogger("p2pdiloco.control")
@@ -94,11 +94,6 @@ def _watched_dht_class():
 
     WatchedDHT._peer_pid = os.getpid()
     return WatchedDHT
-
-
-def _signed(value) -> bool:
-    """A closed run's signed record, as a DHT without its validator reads it (signed_records.py)."""
-    return isinstance(value, list) and len(value) == 4 and value[0] == "p2pdiloco-signed1"
 
 
 class ControlPlane:
@@ -183,7 +178,7 @@ class ControlPlane:
         if found is None or not isinstance(found.value, dict):
             return out
         for subkey, item in found.value.items():
-            if self.cfg.admission is None and _signed(item.value):
+            if self.cfg.admission is None and is_signed(item.value):
                 closed += 1  # an admitted peer's record (signed_records.py): this open peer cannot join it
                 continue
             try:
@@ -249,6 +244,7 @@ class ControlPlane:
             self.dht.kill()
             self.dht.join(1.0)
         self._stop_p2pd()
+        atexit.unregister(self._stop_p2pd)  # done: the hook would only keep this object alive
         log.debug("DHT shut down in %.2fs", time.monotonic() - start)
 
     def _stop_p2pd(self) -> None:

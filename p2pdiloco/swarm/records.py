@@ -31,6 +31,16 @@ STATES = ("joining", "training", "left")
 MAX_REFUSED = 256
 
 
+# A closed run's DHT values are `[MARK, value, cert, signature]` (signed_records.py); an open peer
+# recognizes them without the validator.
+MARK = "p2pdiloco-signed1"
+
+
+def is_signed(value) -> bool:
+    """A closed run's signed value, deserialized."""
+    return isinstance(value, list) and len(value) == 4 and value[0] == MARK
+
+
 class RecordError(ValueError):
     """A record or message from another peer that does not have the expected shape."""
 

@@ -23,11 +23,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
 
+from .records import MARK, is_signed  # noqa: F401 (MARK: part of this module's format)
 from .admission import Admission, AdmissionError
 
 log = logging.getLogger("p2pdiloco.trust")
 
-MARK = "p2pdiloco-signed1"
 LOG_EVERY_S = 30.0
 
 
@@ -55,8 +55,7 @@ class AdmissionValidator(RecordValidatorBase):
             parts = MSGPackSerializer.loads(value)
         except Exception:
             return None
-        if not (isinstance(parts, list) and len(parts) == 4 and parts[0] == MARK
-                and all(isinstance(p, bytes) for p in parts[1:])):
+        if not (is_signed(parts) and all(isinstance(p, bytes) for p in parts[1:])):
             return None
         return parts[1], parts[2], parts[3]
 
