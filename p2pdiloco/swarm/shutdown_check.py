@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="runs/shutdown-check")
     ap.add_argument("--json", required=True, metavar="FILE")
     args = ap.parse_args(argv)
-    peer_args = PEER_ARGS + (["--data", *args.data] if args.data else [])
+    # The peer runs in its own folder: a relative --data would not be found there.
+    peer_args = PEER_ARGS + (["--data", *(str(Path(d).resolve()) for d in args.data)] if args.data else [])
     summary = run_checks(args.runs, Path(args.workdir), peer_args, getattr(signal, args.signal), args.kill_dht_first,
                          args.limit, progress=lambda m: print(m, file=sys.stderr, flush=True))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
