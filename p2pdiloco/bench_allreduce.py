@@ -7,7 +7,9 @@ Every method runs in its own set of N spawned processes over loopback (127.0.0.1
   Reduce over gRPC, as with --bulk-port -1; p2pdiloco_e3m0-huffman (not run by default): E3M0 with
   its codes Huffman-coded on the wire (fewer bytes, more CPU); any of these with `_auth` appended
   (p2pdiloco_fp32_auth, ...; `--auth` adds them) runs as a closed run's peers do: mutual TLS with a
-  throwaway run CA on gRPC and the bulk port, and every caller's certificate checked (swarm/trust.py);
+  throwaway run CA on gRPC and in each bulk connection's handshake, the bulk port's messages sealed
+  with AES-GCM (swarm/bulk_seal.py), and every caller's certificate checked (swarm/trust.py); with
+  `_auth-plain` the same with `--bulk-encryption none` (the messages plain after the handshake);
 - gloo: torch.distributed all_reduce(SUM) / N (rendezvous through a FileStore, sockets on `lo`);
 - hivemind: DecentralizedAverager over a hivemind DHT, matchmaking included (that is its real cost).
 
@@ -40,7 +42,17 @@ from .wan.links import rate_bytes_per_s
 
 METHODS = ("p2pdiloco_fp32", "p2pdiloco_e3m0", "gloo", "hivemind")
 EXTRA_METHODS = ("p2pdiloco_grpc_fp32", "p2pdiloco_grpc_e3m0", "p2pdiloco_e3m0-huffman")
-AUTH = "_auth"  # a p2pdiloco method with this suffix runs closed (mutual TLS, admissions checked)
+# A p2pdiloco method with one of these suffixes runs closed (admissions checked), its bulk port's
+# messages sealed with AES-GCM (_auth) or plain after each connection's TLS handshake (_auth-plain).
+CLOSED = {"_auth": "aes-gcm", "_auth-plain": "none"}
+
+
+def closed(method: str) -> tuple[str, str | None]:
+    """(the method without its closed-run suffix, the bulk encryption; None: an open run)."""
+    for suffix, encryption in CLOSED.items():
+        if method.startswith("p2pdiloco_") and method.endswith(suffix):
+            return method.removesuffix(suffix), encryption
+    return method, None
 FP32_TOL, E3M0_REL_TOL = 1e-5, 0.35
 
 
@@ -58,7 +70,7 @@ def peer_tensor(rank: int, numel: int) -> torch.Tensor:
 
 # ---- the methods, each a generator: set up, yield (reset, average), tear down
 @contextmanager
-def _p2pdiloco(codec_name, bulk, rank, peers, x, rendezvous, timeout, admission=None):
+def _p2pdiloco(codec_name, bulk, rank, peers, x, rendezvous, timeout, admission=None, encryption="aes-gcm"):
     from .averaging import SyncKey
     from .codecs import get_codec
     from .swarm.channels import Channels
@@ -71,7 +83,7 @@ def _p2pdiloco(codec_name, bulk, rank, peers, x, rendezvous, timeout, admission=
     trust = None
     if admission is not None:
         from .swarm.trust import Trust
-        trust = Trust(admission)
+        trust = Trust(admission, encryption)
     identity = Identity("bench", "bench", f"peer-{rank}", codec_name, trust.cert_der if trust else b"")
     book, loop = RoundBook(identity, reduce_timeout_s=timeout), BackgroundLoop(f"bench-{rank}")
     state = {}
@@ -180,8 +192,9 @@ def _worker(method, rank, peers, numel, repeats, timeout, up, down, barrier, sto
             return down.get(timeout=timeout)
 
         if method.startswith("p2pdiloco_"):
-            codec = method.removesuffix(AUTH).rsplit("_", 1)[1]
-            runner = _p2pdiloco(codec, "_grpc_" not in method, rank, peers, x, rendezvous, timeout, admission)
+            base, encryption = closed(method)
+            runner = _p2pdiloco(base.rsplit("_", 1)[1], "_grpc_" not in method, rank, peers, x, rendezvous, timeout,
+                                admission, encryption or "aes-gcm")
         elif method == "gloo":
             runner = _gloo(rank, peers, x, rendezvous, timeout, store_path)
         else:
@@ -222,7 +235,7 @@ def run_method(method, peers, numel, repeats, timeout, progress) -> dict:
     up, downs, barrier = ctx.Queue(), [ctx.Queue() for _ in range(peers)], ctx.Barrier(peers)
     deadline = time.monotonic() + 120 + (repeats + 3) * timeout
     admissions = [None] * peers
-    if method.endswith(AUTH):
+    if closed(method)[1] is not None:
         from .swarm.admission import throwaway_run
         admissions = throwaway_run([f"peer-{rank}" for rank in range(peers)])
     with tempfile.TemporaryDirectory(prefix="bench-allreduce-") as tmp:
@@ -314,13 +327,12 @@ def shaped_loopback(rate: str | None):
 def run_allreduce_bench(peers: int, numel: int, json_path: str, repeats: int = 5, bandwidth: str | None = None,
                         methods=METHODS, progress=print, auth: bool = False) -> dict:
     for m in methods:
-        base = m.removesuffix(AUTH) if m.startswith("p2pdiloco_") else m
-        if base not in METHODS + EXTRA_METHODS:
+        if closed(m)[0] not in METHODS + EXTRA_METHODS:
             raise ValueError(f"--methods: '{m}' is unknown; choose from {', '.join(METHODS + EXTRA_METHODS)} "
-                             f"(p2pdiloco methods also with '{AUTH}' appended)")
-    if auth:  # each p2pdiloco method's closed-run twin, right after it (the same load on the machine)
-        methods = tuple(x for m in methods for x in ([m, m + AUTH] if m.startswith("p2pdiloco_")
-                                                      and not m.endswith(AUTH) else [m]))
+                             f"(p2pdiloco methods also with {' or '.join(CLOSED)} appended)")
+    if auth:  # each p2pdiloco method's closed-run twins, right after it (the same load on the machine)
+        methods = tuple(x for m in methods for x in ([m, *(m + s for s in CLOSED)] if m.startswith("p2pdiloco_")
+                                                      and closed(m)[1] is None else [m]))
     if peers < 2 or numel < peers or repeats < 1:
         raise ValueError("--peers must be ≥ 2, --numel ≥ --peers and --repeats ≥ 1")
     rate = rate_bytes_per_s(bandwidth, "--bandwidth") if bandwidth else 20e6  # a slow loaded 2-core host moves ≥ 20 MB/s

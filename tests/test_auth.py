@@ -144,13 +144,13 @@ def test_records_are_accepted_only_signed_by_an_admitted_peer_for_its_own_subkey
 class _Peer:
     """A data plane as a peer serves it (Servers + Channels), with or without admission."""
 
-    def __init__(self, name: str, admission=None, revoked: str = ""):
+    def __init__(self, name: str, admission=None, revoked: str = "", encryption: str = "aes-gcm"):
         from p2pdiloco.swarm.dataplane import Identity, RoundBook, Servicer
         from p2pdiloco.swarm.trust import Trust
         if admission is not None and revoked:
             admission = adm.Admission(admission.peer_id, admission.ca_pem, admission.cert_pem, admission.key_pem,
                                       "", revoked)
-        self.trust = None if admission is None else Trust(admission)
+        self.trust = None if admission is None else Trust(admission, encryption)
         self.identity = Identity("r", "h", name, "fp32", self.trust.cert_der if self.trust else b"")
         self.book = RoundBook(self.identity, reduce_timeout_s=5)
         self.servicer = Servicer(self.book, self._state, self.trust)
@@ -184,17 +184,21 @@ def _run(coro):
     return uvloop.run(asyncio.wait_for(coro, 60))
 
 
-def test_admitted_peers_average_over_tls_on_the_bulk_port_and_grpc():
+@pytest.mark.parametrize("modes", [("aes-gcm", "aes-gcm"), ("none", "none"), ("none", "aes-gcm")])
+def test_admitted_peers_average_over_tls_on_the_bulk_port_and_grpc(modes):
+    """Both bulk encryption modes (bulk_seal.py), and a peer that asks for none with one that does
+    not: that pair seals (counted by each connection's message counters)."""
     from p2pdiloco.averaging import SyncKey
     from p2pdiloco.codecs import get_codec
     from p2pdiloco.swarm.dataplane import allreduce
     from p2pdiloco.swarm.matchmaking import make_group
     a_adm, b_adm = adm.throwaway_run(["peer-a", "peer-b"])
-    # 400 kB vectors: spans larger than bulk.TLS_CHUNK go to TLS in chunks
-    x = {"peer-a": torch.randn(100_000), "peer-b": torch.randn(100_000)}
+    # 2.4 MB vectors: each peer's span is more than one of bulk_seal.SCRATCH's pieces
+    x = {"peer-a": torch.randn(600_000), "peer-b": torch.randn(600_000)}
 
     async def main():
-        peers = [await _Peer("peer-a", a_adm).start(), await _Peer("peer-b", b_adm).start()]
+        peers = [await _Peer("peer-a", a_adm, encryption=modes[0]).start(),
+                 await _Peer("peer-b", b_adm, encryption=modes[1]).start()]
         try:
             for r, grpc_only in ((1, False), (2, True)):
                 declared = {p.identity.peer_id: p.grpc_address if grpc_only else p.address for p in peers}
@@ -204,8 +208,13 @@ def test_admitted_peers_average_over_tls_on_the_bulk_port_and_grpc():
                 for res in results:
                     torch.testing.assert_close(res.mean, (x["peer-a"] + x["peer-b"]) / 2)
                     assert res.participants == ("peer-a", "peer-b")
-            for p in peers:  # the bulk port was used, over TLS, not fallen back from
+            for p in peers:  # the bulk port was used, after its TLS handshake, not fallen back from
                 assert not p.channels.bulk.unreachable_until
+                (conn,) = [c for conns in p.channels.bulk.idle.values() for c in conns]
+                if "aes-gcm" in modes:
+                    assert conn.seal is not None and conn.seal.sent == 2 and conn.seal.received == 2
+                else:
+                    assert conn.seal is None
         finally:
             for p in peers:
                 await p.stop()
@@ -291,20 +300,21 @@ def test_strangers_impostors_and_revoked_peers_are_refused_on_grpc_and_the_bulk_
 
 @pytest.mark.timeout(400)  # four methods, each its own peer processes
 def test_bench_allreduce_auth_runs_each_p2pdiloco_method_closed_too(tmp_path):
-    """`--auth`: each p2pdiloco method's closed twin (METHOD_auth, mutual TLS) right after it, with
-    the same means; 60,000 values: spans larger than bulk.TLS_CHUNK."""
+    """`--auth`: each p2pdiloco method's closed twins (METHOD_auth: the bulk port's messages sealed;
+    METHOD_auth-plain: plain after the handshake) right after it, with the same means; a closed
+    method named on its own runs alone."""
     import json
 
     from p2pdiloco.bench_allreduce import run_allreduce_bench
-    res = run_allreduce_bench(2, 60_000, str(tmp_path / "a.json"), repeats=1,
-                              methods=("p2pdiloco_fp32", "p2pdiloco_grpc_e3m0"), progress=lambda _: None, auth=True)
-    assert list(res["methods"]) == ["p2pdiloco_fp32", "p2pdiloco_fp32_auth", "p2pdiloco_grpc_e3m0",
+    res = run_allreduce_bench(2, 600_000, str(tmp_path / "a.json"), repeats=1,
+                              methods=("p2pdiloco_fp32", "p2pdiloco_grpc_e3m0_auth"), progress=lambda _: None, auth=True)
+    assert list(res["methods"]) == ["p2pdiloco_fp32", "p2pdiloco_fp32_auth", "p2pdiloco_fp32_auth-plain",
                                     "p2pdiloco_grpc_e3m0_auth"]
     for name, m in res["methods"].items():
         assert m["error"] is None, (name, m["error"])
-    for name in ("p2pdiloco_fp32", "p2pdiloco_grpc_e3m0"):
-        assert res["methods"][name + "_auth"]["max_abs_error"] == res["methods"][name]["max_abs_error"]
-        assert res["methods"][name + "_auth"]["bytes_sent_per_peer"] == res["methods"][name]["bytes_sent_per_peer"]
+    for name in ("p2pdiloco_fp32_auth", "p2pdiloco_fp32_auth-plain"):
+        assert res["methods"][name]["max_abs_error"] == res["methods"]["p2pdiloco_fp32"]["max_abs_error"]
+        assert res["methods"][name]["bytes_sent_per_peer"] == res["methods"]["p2pdiloco_fp32"]["bytes_sent_per_peer"]
     assert json.loads((tmp_path / "a.json").read_text())["methods"].keys() == res["methods"].keys()
     with pytest.raises(ValueError, match="'p2pdiloco_fp33_auth' is unknown"):
         run_allreduce_bench(2, 100, str(tmp_path / "b.json"), methods=("p2pdiloco_fp33_auth",))

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
-from .trust import tls_peer
+from .bulk_seal import Handshakes, InvalidTag, Opener, Seal, owner_handshake
 
 log = logging.getLogger("p2pdiloco.dataplane")
 
@@ -54,10 +54,7 @@ OWNER_IDLE_S = 300.0  # an owner closes a connection with no call for this long
 CALLER_IDLE_S = 60.0  # a caller does not reuse a connection idle for longer (NATs drop idle flows)
 MAX_CONNECTIONS = 256  # callers connected to one owner at once; more are refused
 MAX_REFUSAL_BYTES = 1 << 16  # a refusal's text; a longer one is a broken or hostile owner
-# Over TLS (a closed run) a message goes to the transport in pieces of this size, one per event-loop
-# turn: handed over whole, the TLS layer encrypted all of it into one growing memory buffer before
-# sending any, fresh memory whose page faults and copies cost more CPU than the encryption.
-TLS_CHUNK = 1 << 16
+MAX_HANDSHAKES = 16  # a closed run's TLS handshakes under way at once, per owner; more are refused
 LENGTH = struct.Struct("<Q")
 REPLY_HEAD = struct.Struct("<BQ")
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -114,15 +111,19 @@ class Buffers:
 
 class Framed(asyncio.BufferedProtocol):
     """Reads exactly the number of bytes it is told to expect, each time into a buffer of that
-    size (from `buffers`) that the kernel writes into directly, and hands the full buffer on."""
+    size (from `buffers`) that the kernel writes into directly, and hands the full buffer on.
+    With a `seal` (a closed run, bulk_seal.py) what is read and written are sealed messages, each
+    opened whole before any of it is handed on; a message larger than what is expected next is
+    handed on in views of its own buffer, without copies."""
 
-    def __init__(self, buffers: Buffers):
+    def __init__(self, buffers: Buffers, seal: Seal | None = None, limit: int = 0):
         self.buffers = buffers
         self.transport: asyncio.Transport | None = None
+        self._want: int | None = None
         self._view, self._got, self._then = None, 0, None
         self._timer: asyncio.TimerHandle | None = None
-        self.tls = False
-        self._sending: asyncio.Future | None = None
+        self.seal = seal
+        self._opener = None if seal is None else Opener(seal, buffers, limit)
 
     def expect(self, n: int, then, within_s: float | None = None, into: memoryview | None = None) -> None:
         """Read the next n bytes into `into` (n bytes long) or a buffer of `buffers`, then call `then`."""
@@ -132,51 +133,80 @@ class Framed(asyncio.BufferedProtocol):
         if n == 0:
             then(memoryview(b""))
             return
-        self._view, self._got, self._then = (self.buffers.get(n) if into is None else into), 0, then
+        self._want, self._view, self._got, self._then = n, into, 0, then
+
+    def _target(self) -> memoryview:
+        if self._view is None:  # taken when the first byte comes: a sealed message may bring its own
+            self._view = self.buffers.get(self._want)
+        return self._view
 
     def get_buffer(self, sizehint: int):
+        if self._opener is not None:
+            return self._opener.get_buffer()
         # Between messages the event loop may still read (an EOF, or bytes nobody asked for).
-        return self._view[self._got:] if self._view is not None else memoryview(bytearray(64))
+        return self._target()[self._got:] if self._want is not None else memoryview(bytearray(64))
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._view is None:
-            log.warning("bulk connection with %s: %d bytes that were not asked for; closing it",
-                        self.transport.get_extra_info("peername"), nbytes)
-            self.transport.abort()
+        if self._opener is not None:
+            try:
+                message = self._opener.updated(nbytes)
+            except (InvalidTag, OverflowError) as exc:
+                why = "a message failed its integrity check" if isinstance(exc, InvalidTag) else str(exc)
+                self._refuse(why)
+                return
+            if message is not None:
+                self._deliver(message)
+            return
+        if self._want is None:
+            self._refuse(f"{nbytes} bytes that were not asked for")
             return
         self._got += nbytes
-        if self._got == len(self._view):
-            buf, then = self._view, self._then
-            self._view = self._then = None
-            then(buf)
+        if self._got == self._want:
+            self._complete(self._view)
 
-    def send(self, pieces: list) -> None:
-        """Write one message's pieces, in order (see TLS_CHUNK). One message at a time per connection."""
-        if not self.tls or sum(memoryview(p).nbytes for p in pieces) <= TLS_CHUNK:
-            self.transport.writelines(pieces)
-        else:
-            self._sending = asyncio.ensure_future(self._send_chunks(pieces))
+    def _deliver(self, message: memoryview) -> None:
+        at = 0
+        while at < len(message) and not self.transport.is_closing():
+            if self._want is None:
+                self._refuse(f"{len(message) - at} bytes that were not asked for")
+                return
+            take = min(self._want - self._got, len(message) - at)
+            if self._got == 0 and self._view is None and take == self._want:
+                self._complete(message[at:at + take])
+            else:
+                self._target()[self._got:self._got + take] = message[at:at + take]
+                self._got += take
+                if self._got == self._want:
+                    self._complete(self._view)
+            at += take
 
-    async def _send_chunks(self, pieces: list) -> None:
-        for piece in pieces:
-            view = memoryview(piece).cast("B")
-            for i in range(0, len(view), TLS_CHUNK):
-                if self.transport.is_closing():
-                    return
-                self.transport.write(view[i:i + TLS_CHUNK])
-                await asyncio.sleep(0)
+    def _complete(self, buf: memoryview) -> None:
+        then = self._then
+        self._want = self._view = self._then = None
+        then(buf)
+
+    def _refuse(self, why: str) -> None:
+        log.warning("bulk connection with %s: %s; closing it", self.transport.get_extra_info("peername"), why)
+        self.transport.abort()
+
+    def send(self, head: bytes, body: list) -> None:
+        """Write one message: its head, then its body's pieces. Sealed, they are two messages, so
+        the other end checks the head (a length against its limit) before it reads the body."""
+        if self.seal is None:
+            self.transport.writelines([head, *body])
+            return
+        for pieces in ([head], body):
+            out = self.buffers.get(Seal.sealed_size(sum(memoryview(p).nbytes for p in pieces)))
+            self.transport.write(self.seal.seal(pieces, out))
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.tls = transport.get_extra_info("sslcontext") is not None
         sock = transport.get_extra_info("socket")
         if sock is not None:  # a peer that vanished (power, a NAT's state) is noticed, not waited on
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def connection_lost(self, exc) -> None:
         self._cancel_timer()
-        if self._sending is not None:
-            self._sending.cancel()
 
     def pause_writing(self) -> None:  # the other end does not read: stop taking its requests
         self.transport.pause_reading()
@@ -198,21 +228,22 @@ class Framed(asyncio.BufferedProtocol):
 class _OwnerSide(Framed):
     """One caller's connection to this peer's bulk port."""
 
-    def __init__(self, server: "BulkServer"):
-        super().__init__(server.buffers)
-        self.server, self.task, self.peer = server, None, None
+    def __init__(self, server: "BulkServer", seal: Seal | None = None, peer: str | None = None):
+        super().__init__(server.buffers, seal, server.max_message_bytes)
+        self.server, self.task, self.peer = server, None, peer  # peer: whom the caller's certificate names
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        if self.server.ssl is not None:  # TLS verified the caller's certificate: whom it names
-            self.peer = tls_peer(transport.get_extra_info("peercert"))
         if len(self.server.connections) >= MAX_CONNECTIONS:
             log.warning("bulk port: %d callers connected already; refused one from %s", MAX_CONNECTIONS,
                         transport.get_extra_info("peername"))
             transport.abort()
             return
         self.server.connections.add(self)
-        self.expect(len(MAGIC), self._magic, CONNECT_TIMEOUT_S)
+        if self.server.handshakes is None:
+            self.expect(len(MAGIC), self._magic, CONNECT_TIMEOUT_S)
+        else:  # the handshake exchanged the magic
+            self.expect(LENGTH.size, self._length, self.server.idle_s)
 
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
@@ -253,7 +284,8 @@ class _OwnerSide(Framed):
 
     async def _handle(self, body: memoryview) -> None:
         try:
-            call = self.server.handler(body) if self.server.ssl is None else self.server.handler(body, self.peer)
+            call = (self.server.handler(body) if self.server.handshakes is None else
+                    self.server.handler(body, self.peer))
             code, data = grpc.StatusCode.OK, await asyncio.wait_for(call, self.server.timeout_s)
         except asyncio.TimeoutError:
             code, data = grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self.server.timeout_s:g}s".encode()
@@ -273,32 +305,81 @@ class _OwnerSide(Framed):
 
     def _answer(self, code: grpc.StatusCode, data: bytes | list) -> None:
         pieces = data if isinstance(data, list) else [data]
-        self.send([REPLY_HEAD.pack(code.value[0], sum(len(p) for p in pieces)), *pieces])
+        self.send(REPLY_HEAD.pack(code.value[0], sum(len(p) for p in pieces)), pieces)
 
 
 class BulkServer:
     """This peer's bulk port. `handler(request bytes) -> reply` (bytes, or a list of buffers to
-    write one after the other) raises BulkError to refuse. With `ssl` (a closed run, trust.py) the
-    port speaks TLS and requires a client certificate, and the handler is called as
-    `handler(request bytes, peer id the certificate names)`."""
+    write one after the other) raises BulkError to refuse. With `ssl` (a closed run, trust.py) each
+    connection starts with bulk_seal.py's handshake (TLS with a client certificate, then sealed
+    messages or, both ends asking, plain ones: `encryption`), the handler is called as
+    `handler(request bytes, peer id the certificate names)`, and `refused(address, why)` hears of
+    every connection whose handshake failed."""
 
     def __init__(self, handler, max_message_bytes: int, timeout_s: float, idle_s: float = OWNER_IDLE_S,
-                 ssl=None):
+                 ssl=None, encryption: str = "aes-gcm", refused=None):
         self.handler, self.max_message_bytes, self.timeout_s, self.idle_s = handler, max_message_bytes, timeout_s, idle_s
-        self.ssl = ssl
+        self.handshakes = None if ssl is None else Handshakes(ssl, encryption, CONNECT_TIMEOUT_S, MAX_HANDSHAKES)
+        self.refused = refused or (lambda who, why: log.info("bulk port: refused %s: %s", who, why))
         self.connections: set[_OwnerSide] = set()
         self.buffers = Buffers()
         self.server: asyncio.Server | None = None
+        self.listener: socket.socket | None = None
+        self._accepting: asyncio.Task | None = None
+        self._admitting: set[asyncio.Task] = set()
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0: any free port); the port bound."""
-        tls = {} if self.ssl is None else {"ssl": self.ssl, "ssl_handshake_timeout": CONNECT_TIMEOUT_S}
-        self.server = await asyncio.get_running_loop().create_server(lambda: _OwnerSide(self), host, port, **tls)
-        return self.server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        if self.handshakes is None:
+            self.server = await loop.create_server(lambda: _OwnerSide(self), host, port)
+            return self.server.sockets[0].getsockname()[1]
+        family = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))[0][0]
+        self.listener = socket.create_server((host, port), family=family, backlog=128)
+        self.listener.setblocking(False)
+        self._accepting = asyncio.ensure_future(self._accept())
+        return self.listener.getsockname()[1]
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(self.listener)
+            except OSError as exc:  # out of file descriptors, say: the port must live on
+                log.warning("bulk port: accept failed (%s)", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if (self.handshakes.busy >= self.handshakes.max_at_once
+                    or len(self.connections) + len(self._admitting) >= MAX_CONNECTIONS):
+                self.refused(f"{addr[0]}:{addr[1]}", "too many connections or handshakes at once")
+                sock.close()
+                continue
+            task = asyncio.ensure_future(self._admit(sock, addr))
+            self._admitting.add(task)
+            task.add_done_callback(self._admitting.discard)
+
+    async def _admit(self, sock: socket.socket, addr) -> None:
+        try:
+            raw, seal, peer = await self.handshakes.run(owner_handshake, sock)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a stranger, another run's CA, a scanner, a slow or broken caller
+            self.refused(f"{addr[0]}:{addr[1]}", f"TLS handshake failed: {str(exc) or type(exc).__name__}")
+            return
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: _OwnerSide(self, seal, peer), raw)
+        except OSError:
+            raw.close()
 
     async def stop(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            for task in list(self._admitting):
+                task.cancel()
+            self.listener.close()
+            self.handshakes.close()
+        for conn in list(self.connections):
+            conn.transport.abort()
         if self.server is not None:
             self.server.close()
-            for conn in list(self.connections):
-                conn.transport.abort()
             await self.server.wait_closed()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 
 import grpc
 
-from .admission import SERVER_NAME
-from .bulk import (LENGTH, REPLY_HEAD, CALLER_IDLE_S, CONNECT_TIMEOUT_S, MAGIC, MAX_REFUSAL_BYTES, RETRY_BULK_S,
-                   BulkError, BulkUnreachable, Buffers, Framed, status_code)
+from .bulk import (LENGTH, REPLY_HEAD, CALLER_IDLE_S, CONNECT_TIMEOUT_S, MAGIC, MAX_HANDSHAKES, MAX_REFUSAL_BYTES,
+                   RETRY_BULK_S, BulkError, BulkUnreachable, Buffers, Framed, status_code)
+from .bulk_seal import Handshakes, Seal, caller_handshake
 
 log = logging.getLogger("p2pdiloco.dataplane")
 
@@ -18,9 +19,10 @@ log = logging.getLogger("p2pdiloco.dataplane")
 class _CallerSide(Framed):
     """A connection to another peer's bulk port, for one call at a time."""
 
-    def __init__(self, max_message_bytes: int, buffers: Buffers):
-        super().__init__(buffers)
-        self.max_message_bytes = max_message_bytes
+    def __init__(self, max_message_bytes: int, buffers: Buffers, seal: Seal | None = None,
+                 handshaken: bool = False):
+        super().__init__(buffers, seal, max(max_message_bytes, MAX_REFUSAL_BYTES))
+        self.max_message_bytes, self.handshaken = max_message_bytes, handshaken
         self.reply: asyncio.Future | None = None
         self.status = grpc.StatusCode.OK
         self.into: memoryview | None = None
@@ -34,8 +36,11 @@ class _CallerSide(Framed):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        # Expect the echo before anything can arrive: whatever answers may speak first.
         self.reply = asyncio.get_running_loop().create_future()
+        if self.handshaken:  # bulk_seal.py's handshake exchanged the magic
+            self.reply.set_result(None)
+            return
+        # Expect the echo before anything can arrive: whatever answers may speak first.
         self.expect(len(MAGIC), self._echo)
         transport.write(MAGIC)
 
@@ -57,7 +62,7 @@ class _CallerSide(Framed):
         self.reply = asyncio.get_running_loop().create_future()
         self.into = into
         self.expect(REPLY_HEAD.size, self._head)
-        self.send([LENGTH.pack(sum(len(p) for p in pieces)), *pieces])
+        self.send(LENGTH.pack(sum(len(p) for p in pieces)), pieces)
         code, body = await self.reply
         if code != grpc.StatusCode.OK:
             raise BulkError(code, bytes(body[0]).decode(errors="replace"))
@@ -95,8 +100,10 @@ class _CallerSide(Framed):
 class BulkPool:
     """Connections to other peers' bulk ports, kept open between calls."""
 
-    def __init__(self, max_message_bytes: int, ssl=None):
-        self.max_message_bytes, self.ssl = max_message_bytes, ssl  # ssl: a closed run's client context (trust.py)
+    def __init__(self, max_message_bytes: int, ssl=None, encryption: str = "aes-gcm"):
+        self.max_message_bytes = max_message_bytes
+        # A closed run: its client context (trust.py), for bulk_seal.py's handshake on every connection.
+        self.handshakes = None if ssl is None else Handshakes(ssl, encryption, CONNECT_TIMEOUT_S, MAX_HANDSHAKES)
         self.idle: dict[tuple[str, int], list[_CallerSide]] = {}
         self.buffers = Buffers()
         self.unreachable_until: dict[tuple[str, int], float] = {}
@@ -108,10 +115,14 @@ class BulkPool:
         conn = None
         try:
             async with asyncio.timeout(min(CONNECT_TIMEOUT_S, timeout_s)):
-                tls = {} if self.ssl is None else {"ssl": self.ssl, "server_hostname": SERVER_NAME,
-                                                   "ssl_handshake_timeout": CONNECT_TIMEOUT_S}
-                _, conn = await asyncio.get_running_loop().create_connection(
-                    lambda: _CallerSide(self.max_message_bytes, self.buffers), host, port, **tls)
+                loop = asyncio.get_running_loop()
+                if self.handshakes is None:
+                    _, conn = await loop.create_connection(
+                        lambda: _CallerSide(self.max_message_bytes, self.buffers), host, port)
+                else:
+                    raw, seal, _ = await self.handshakes.run(caller_handshake, await self._dial(host, port))
+                    _, conn = await loop.create_connection(
+                        lambda: _CallerSide(self.max_message_bytes, self.buffers, seal, handshaken=True), sock=raw)
                 await conn.handshake()
         except Exception as exc:  # refused, silent, closed, or something else answers: no bulk port here
             if conn is not None:
@@ -123,6 +134,19 @@ class BulkPool:
             self.unreachable_until[host, port] = time.monotonic() + RETRY_BULK_S
             raise BulkUnreachable(f"{host}:{port}: {why}") from None
         return conn
+
+    @staticmethod
+    async def _dial(host: str, port: int) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        family, kind, proto, _, address = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def call(self, host: str, port: int, pieces: list, timeout_s: float,
                    into: memoryview | None = None) -> list[memoryview]:
@@ -157,3 +181,5 @@ class BulkPool:
             for conn in conns:
                 conn.transport.abort()
         self.idle.clear()
+        if self.handshakes is not None:
+            self.handshakes.close()

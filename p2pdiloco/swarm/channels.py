@@ -74,7 +74,8 @@ class Channels:
         self.stubs: dict[str, pb_grpc.AveragingStub] = {}
         self.reducers: dict[str, _GrpcReduce] = {}
         self.channels: dict[str, grpc.aio.Channel] = {}
-        self.bulk = BulkPool(max_message_bytes, None if trust is None else trust.client_ssl())
+        self.bulk = (BulkPool(max_message_bytes) if trust is None else
+                     BulkPool(max_message_bytes, trust.client_ssl(), trust.bulk_encryption))
         self.p2p = None  # hivemind's P2P, for peers that announced a libp2p address (libp2p.py)
 
     def _libp2p(self, address: str) -> LibP2PStub:

@@ -29,6 +29,10 @@ SWARM_OPTIONS: list[tuple[str, str, dict]] = [
                                       "identity.key is the peer's --identity unless one is given"}),
     ("--revoked", "revoked_path", {"metavar": "FILE", "help": "a closed run: peer ids no longer admitted, one per "
                                    "line (read again when it changes)"}),
+    ("--bulk-encryption", "bulk_encryption", {"choices": ["aes-gcm", "none"], "help": "a closed run: seal the bulk "
+                                              "port's messages with AES-GCM (default), or send them plain after each "
+                                              "connection's TLS handshake when both ends choose none (a private "
+                                              "network, such as a WireGuard overlay)"}),
     ("--join-dir", "join_dir", {"metavar": "DIR", "help": "shared folder of live peers' addresses: publish this "
                                 "peer's there, and join through them when no --initial-peers are given"}),
     ("--transport", "transport", {"choices": ["auto", "grpc", "libp2p"], "help": "how others reach this peer; "

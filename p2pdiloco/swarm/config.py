@@ -26,6 +26,9 @@ class SwarmConfig:
     # peer.pem, peer.key, and identity.key unless identity_path is given); "": an open run.
     admission_dir: str = ""
     revoked_path: str = ""  # a closed run: a file of revoked peer ids, one per line, read again when it changes
+    # A closed run's bulk port after each connection's TLS handshake (bulk_seal.py): messages sealed
+    # with AES-GCM, or "none": plain, when both ends choose it (a network that is private already).
+    bulk_encryption: str = "aes-gcm"
     # How others reach this peer's data plane: grpc (host:port; auto means grpc), or libp2p (streams
     # over the DHT's daemon, for a peer that cannot accept connections). Every peer serves both.
     transport: str = "auto"
@@ -67,6 +70,8 @@ class SwarmConfig:
                              f"connect to a wildcard address; pass --announce-host with this machine's reachable address")
         if self.revoked_path and not self.admission_dir:
             raise ValueError("swarm.revoked_path is for closed runs: give swarm.admission_dir (--admission) too")
+        if self.bulk_encryption not in ("aes-gcm", "none"):
+            raise ValueError(f"swarm.bulk_encryption '{self.bulk_encryption}' is unknown; use aes-gcm or none")
         if self.transport not in ("grpc", "auto", "libp2p"):
             raise ValueError(f"swarm.transport '{self.transport}' is unknown; use auto, grpc or libp2p")
         for name in ("port", "dht_port"):

@@ -115,7 +115,7 @@ class Network:
             admission = self.control.cfg.admission
             if admission is not None:
                 from .trust import Trust
-                self.trust = Trust(admission)
+                self.trust = Trust(admission, cfg.bulk_encryption)
             self.identity = Identity(cfg.run_id, config_hash, self.peer_id, codec,
                                      self.trust.cert_der if self.trust else b"")
             self.book = RoundBook(self.identity, cfg.reduce_timeout_s, aggregate)

@@ -35,8 +35,11 @@ class Servers:
         await self.grpc.start()
         if bulk_port < 0:
             return port, None
-        self.bulk = BulkServer(self.servicer.reduce_bulk, self.max_message_bytes, self.timeout_s,
-                               ssl=None if self.servicer.trust is None else self.servicer.trust.server_ssl())
+        trust = self.servicer.trust
+        self.bulk = (BulkServer(self.servicer.reduce_bulk, self.max_message_bytes, self.timeout_s) if trust is None else
+                     BulkServer(self.servicer.reduce_bulk, self.max_message_bytes, self.timeout_s,
+                                ssl=trust.server_ssl(), encryption=trust.bulk_encryption,
+                                refused=lambda who, why: trust.log_refusal("bulk port", who, why)))
         try:
             return port, await self.bulk.start(host, bulk_port)
         except OSError as exc:

@@ -2,7 +2,8 @@
 the certificates themselves).
 
 - gRPC: mutual TLS with the run's CA; the caller's certificate comes from the call's auth context.
-- the bulk port: TLS (Python's ssl) with the same certificates, a client certificate required.
+- the bulk port: TLS (Python's ssl) with the same certificates, a client certificate required, for
+  the handshake of each connection (bulk_seal.py); its messages are then sealed with AES-GCM.
 - libp2p streams: Noise proves the remote peer id; the caller's certificate travels in the request
   (`Caller.cert`) and must be signed by the run's CA and name that peer id.
 - the DHT: records signed with an admitted key (signed_records.py).
@@ -44,8 +45,8 @@ class Denied(Exception):
 class Trust:
     """A closed run's credentials (this peer's admission) and checks (the run's CA, revocation)."""
 
-    def __init__(self, admission: Admission):
-        self.admission = admission
+    def __init__(self, admission: Admission, bulk_encryption: str = "aes-gcm"):
+        self.admission, self.bulk_encryption = admission, bulk_encryption  # bulk_seal.py's modes
         self.verifier = admission.verifier()
         self.cert_der = admission.cert_der
         self._logged: dict[str, float] = {}
@@ -77,7 +78,9 @@ class Trust:
             f.flush()
             ctx.load_cert_chain(f.name)
         ctx.verify_mode = ssl.CERT_REQUIRED
-        if purpose is ssl.Purpose.SERVER_AUTH:
+        if purpose is ssl.Purpose.CLIENT_AUTH:
+            ctx.num_tickets = 0  # every bulk connection makes a fresh handshake: tickets would go unused
+        else:
             ctx.check_hostname = True  # SERVER_NAME, which every admitted peer's certificate holds
         return ctx
 
