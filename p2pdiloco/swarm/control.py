@@ -67,6 +67,7 @@ class ControlConfig:
     identity_path: str | None = None  # a persistent libp2p key: the peer id, and so the join line, stays the same
     dht_timeout_s: float = 5.0  # one DHT request; a slower answer counts as no answer
     admission: object = None  # a closed run's admission.Admission: records signed and checked (signed_records.py)
+    start_timeout_s: float = 120.0  # the DHT process and its p2pd up, and the initial peers reached
 
 
 def dht_time() -> float:
@@ -107,7 +108,14 @@ class ControlPlane:
             from .signed_records import AdmissionValidator
             kwargs["record_validators"] = [AdmissionValidator(cfg.admission)]
         try:
-            self.dht = _watched_dht_class()(initial_peers=list(cfg.initial_peers), start=True, **kwargs)
+            self.dht = _watched_dht_class()(initial_peers=list(cfg.initial_peers), start=False, **kwargs)
+            # Bounded: hivemind waits for its process's "ready" without a limit, and a child that
+            # never gets there (a stuck p2pd, a fork that deadlocked) would hang the peer for good.
+            try:
+                self.dht.run_in_background(await_ready=True, timeout=cfg.start_timeout_s)
+            except TimeoutError:
+                self.dht.terminate()
+                raise TimeoutError(f"not ready after {cfg.start_timeout_s:.0f} s") from None
         except Exception as exc:  # hivemind raises P2PDaemonError, ValueError or a bare Exception
             hint = ("check that a peer of the run is alive at that address (`p2pdiloco status`)"
                     if cfg.initial_peers else f"check that {cfg.host}:{cfg.port} is a free local address")
