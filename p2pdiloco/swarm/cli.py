@@ -49,6 +49,12 @@ SWARM_OPTIONS: list[tuple[str, str, dict]] = [
                             "this run under --checkpoint-dir (this peer's own with --identity), none: start fresh"}),
     ("--eval-every-seconds", "eval_every_s", {"type": float, "help": "evaluate the global model this often "
                                               "for the summary's loss-against-wall-clock curve (default: start and end)"}),
+    ("--metrics-port", "metrics_port", {"type": int, "metavar": "PORT", "help": "serve Prometheus metrics on "
+                                        "--host:PORT/metrics (0: any free port; the URL is printed); default: none"}),
+    ("--metrics-jsonl", "metrics_jsonl", {"metavar": "FILE", "help": "append the same figures to FILE, one JSON "
+                                          "line per --metrics-interval (p2pdiloco plot reads them)"}),
+    ("--metrics-interval", "metrics_interval_s", {"type": float, "metavar": "SECONDS",
+                                                  "help": "seconds between JSONL lines (default 5)"}),
     ("--json", "summary_json", {"metavar": "FILE", "help": "write the peer's summary here at the end"}),
     ("--adversary", "adversary", {"metavar": "KIND", "help": "bench attack only: lie to the other peers "
                                   "(scaled, weight-lie, extreme-scales, garbage, replay, bad-owner)"}),
