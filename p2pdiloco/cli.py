@@ -149,13 +149,15 @@ def _simulate(args) -> int:
 def _bench_attack(args) -> int:
     import shlex
 
+    from tqdm import tqdm
+
     from .bench_attack import SCENARIOS, print_table, run_attack_bench
     unknown = [s for s in args.scenarios or () if s not in SCENARIOS]
     if unknown:
         raise ValueError(f"--scenarios: {', '.join(unknown)} unknown; choose from {', '.join(SCENARIOS)}")
     result = run_attack_bench(args.json, args.workdir, tuple(args.scenarios or SCENARIOS),
                               tuple(shlex.split(args.peer_args)), args.baseline,
-                              echo=lambda m: print(m, file=sys.stderr, flush=True))
+                              echo=lambda m: tqdm.write(m, file=sys.stderr))  # above its bar over the scenarios
     print_table(result)
     return 0
 
