@@ -5,7 +5,8 @@ streams) and `state` (state downloads, whichever transport carried them). Each f
 message as the transport carried it (header and payload), counted on both sides: a member counts
 its part as sent and the owner's mean as received, an owner the other way round. An owner's reply to
 itself never crosses the network and is not counted. DHT traffic (records, matchmaking) is the DHT
-daemon's own and not in these figures.
+daemon's own and not in these figures. A request is counted when it is handed to its transport, so
+a call that then fails still counts what it sent; a reply, when it has arrived whole.
 
 The counters are plain integers behind a lock: the data plane bumps them on its event loop, the
 metrics read them from the training thread or the HTTP server's; nothing here knows Prometheus.
