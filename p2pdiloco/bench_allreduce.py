@@ -36,6 +36,7 @@ import traceback
 from contextlib import contextmanager
 
 import torch
+from tqdm import tqdm
 
 from .simulate import write_json
 from .wan.links import rate_bytes_per_s
@@ -342,7 +343,8 @@ def run_allreduce_bench(peers: int, numel: int, json_path: str, repeats: int = 5
               "methods": {}}
     t0 = time.perf_counter()
     with shaped_loopback(bandwidth):
-        for method in methods:
+        # A bar over the methods on a terminal (disable=None: none in logs); `progress` lines go above it.
+        for method in tqdm(methods, desc="bench allreduce", unit="method", file=sys.stderr, disable=None, leave=False):
             progress(f"[bench] {method}: starting {peers} peer processes ({numel:,} values each)")
             try:
                 m = run_method(method, peers, numel, repeats, timeout, progress)
@@ -361,7 +363,7 @@ def run_allreduce_bench(peers: int, numel: int, json_path: str, repeats: int = 5
 
 def cli(args) -> int:
     def progress(line):
-        print(line, file=sys.stderr, flush=True)
+        tqdm.write(line, file=sys.stderr)  # above the bar over the methods, when there is one
 
     try:
         result = run_allreduce_bench(args.peers, args.numel, args.json, args.repeats, args.bandwidth,

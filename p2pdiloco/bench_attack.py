@@ -20,6 +20,8 @@ import math
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .swarm.adversary import KINDS
 from .swarm.local import PeerProcess, finish, start_peers
 
@@ -101,7 +103,9 @@ def run_attack_bench(json_path: str, workdir: str, scenarios=SCENARIOS, extra_ar
     args = [*TRAINING, *extra_args]
     result: dict = {"training": args, "scenarios": {}, "undefended": {}}
     calm = None
-    for name in ("calm",) + tuple(s for s in scenarios if s != "calm"):
+    names = ("calm",) + tuple(s for s in scenarios if s != "calm")
+    # A bar over the scenarios on a terminal (disable=None: none in logs); echo lines go above it (cli.py).
+    for name in tqdm(names, desc="bench attack", unit="scenario", disable=None, leave=False):
         adversary = name if name in KINDS else ""
         closed, ids = {}, []
         if name == "stranger":  # a closed run, and two strangers knocking

@@ -1,4 +1,4 @@
-"""The `p2pdiloco` command: simulate, peer, status, local-swarm, keygen, admit, tokenize, train-tokenizer,
+"""The `p2pdiloco` command: simulate, peer, status, local-swarm, plot, keygen, admit, tokenize, train-tokenizer,
 bench quality, bench allreduce, bench attack, bench resume, bench wan.
 
 Errors in configs or input print one line that says what to fix and exit with status 2;
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_local_swarm_parser(sub)
     from .swarm.admission_cli import add_parsers as add_admission_parsers
     add_admission_parsers(sub)
+    from .plot import add_parser as add_plot_parser
+    add_plot_parser(sub)
     return parser
 
 
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "local-swarm":
             from .swarm.cli import run_local_swarm_command
             return run_local_swarm_command(args, rest)
+        if args.command == "plot":
+            from .plot import cli as plot
+            return plot(args)
         if args.command in ("keygen", "admit"):
             from .swarm.admission_cli import run as run_admission_command
             return run_admission_command(args)
@@ -144,13 +149,15 @@ def _simulate(args) -> int:
 def _bench_attack(args) -> int:
     import shlex
 
+    from tqdm import tqdm
+
     from .bench_attack import SCENARIOS, print_table, run_attack_bench
     unknown = [s for s in args.scenarios or () if s not in SCENARIOS]
     if unknown:
         raise ValueError(f"--scenarios: {', '.join(unknown)} unknown; choose from {', '.join(SCENARIOS)}")
     result = run_attack_bench(args.json, args.workdir, tuple(args.scenarios or SCENARIOS),
                               tuple(shlex.split(args.peer_args)), args.baseline,
-                              echo=lambda m: print(m, file=sys.stderr, flush=True))
+                              echo=lambda m: tqdm.write(m, file=sys.stderr))  # above its bar over the scenarios
     print_table(result)
     return 0
 

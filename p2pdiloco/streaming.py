@@ -133,6 +133,7 @@ class Worker:
         # all-reduce, -> [bytes, syncs]. A sync's size depends on the values with an entropy-coded codec.
         self.sync_bytes: dict[int | str, list[int]] = {}
         self.skipped_rounds = 0
+        self.rounds_applied = 0  # fragment rounds whose mean was applied (the swarm's metrics count them)
         self.applied_rounds: dict[int, int] = {}  # fragment -> the last round whose mean was applied
         self.missed: set[int] = set()  # fragments whose last round failed here (a swarm peer catches up)
         self.wait_s = 0.0  # time spent blocked on averages that were late
@@ -278,6 +279,7 @@ class Worker:
                         self.name, f, sync.round, type(exc).__name__, exc)
             return
         self._count_bytes(result.bytes_sent, f)
+        self.rounds_applied += 1
         with self.lock:
             self.applied_rounds[f] = sync.round
             self.outer[f].step(self.global_params[f], result.mean)

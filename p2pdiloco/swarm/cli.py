@@ -53,6 +53,12 @@ SWARM_OPTIONS: list[tuple[str, str, dict]] = [
                             "this run under --checkpoint-dir (this peer's own with --identity), none: start fresh"}),
     ("--eval-every-seconds", "eval_every_s", {"type": float, "help": "evaluate the global model this often "
                                               "for the summary's loss-against-wall-clock curve (default: start and end)"}),
+    ("--metrics-port", "metrics_port", {"type": int, "metavar": "PORT", "help": "serve Prometheus metrics on "
+                                        "--host:PORT/metrics (0: any free port; the URL is printed); default: none"}),
+    ("--metrics-jsonl", "metrics_jsonl", {"metavar": "FILE", "help": "append the same figures to FILE, one JSON "
+                                          "line per --metrics-interval (p2pdiloco plot reads them)"}),
+    ("--metrics-interval", "metrics_interval_s", {"type": float, "metavar": "SECONDS",
+                                                  "help": "seconds between JSONL lines (default 5)"}),
     ("--json", "summary_json", {"metavar": "FILE", "help": "write the peer's summary here at the end"}),
     ("--adversary", "adversary", {"metavar": "KIND", "help": "bench attack only: lie to the other peers "
                                   "(scaled, weight-lie, extreme-scales, garbage, replay, bad-owner)"}),
@@ -84,6 +90,10 @@ def add_peer_parser(sub) -> None:
     status.add_argument("--initial-peers", nargs="+", metavar="MADDR", required=True)
     status.add_argument("--run-id", default="p2pdiloco")
     status.add_argument("--json", action="store_true", help="print the records as JSON")
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                        help="a live table, refreshed every SECONDS (default 2) until Ctrl-C")
+    status.add_argument("--watch-count", type=int, default=0, metavar="N",
+                        help="with --watch: stop after N refreshes (default 0: until Ctrl-C)")
     status.add_argument("--admission", metavar="DIR", help="a closed run: list only admitted peers' records, checked "
                         "with this admission's run CA (any admitted peer's folder)")
     status.set_defaults(threads=0)
@@ -181,11 +191,23 @@ def run_peer_command(args) -> int:
 def run_status_command(args) -> int:
     from .control import ControlConfig, ControlPlane
     SwarmConfig(run_id=args.run_id, initial_peers=tuple(args.initial_peers)).validate(1)
+    if args.watch is not None and not args.watch > 0:
+        raise ValueError(f"--watch must be a positive number of seconds, got {args.watch}")
+    if args.watch_count < 0 or (args.watch_count and args.watch is None):
+        raise ValueError("--watch-count must be ≥ 0, and goes with --watch")
+    if args.watch is not None and args.json:
+        raise ValueError("--watch and --json do not go together: --json prints the records once")
     admission = None
     if args.admission:  # its run CA checks the records; its identity stays unused (the peer may be running)
         from .admission import load_admission
         admission = load_admission(args.admission)
     control = ControlPlane(ControlConfig(args.run_id, tuple(args.initial_peers), admission=admission))
+    if args.watch is not None:
+        from .status_view import watch
+        try:
+            return watch(control, args.run_id, args.watch, args.watch_count)
+        finally:
+            control.shutdown()
     try:
         records = control.peers()
     finally:

@@ -48,6 +48,11 @@ class SwarmConfig:
     resume: str = ""  # a checkpoint file, or "auto": the newest of this run under checkpoint_dir ("" : none)
     summary_json: str = ""  # where to write the peer's summary at the end ("" : none)
     adversary: str = ""  # bench attack only: lie to the other peers this way (adversary.py); "": honest
+    # Metrics (metrics.py): a Prometheus endpoint on host:metrics_port (0: any free port; -1: none), and a
+    # JSONL file with the same figures, a line every metrics_interval_s seconds ("": none).
+    metrics_port: int = -1
+    metrics_jsonl: str = ""
+    metrics_interval_s: float = 5.0
     eval_every_s: float = 0.0  # evaluate the global model this often (wall-clock seconds) for the summary's curve; 0: start and end only
 
     @property
@@ -79,6 +84,11 @@ class SwarmConfig:
                 raise ValueError(f"swarm.{name} must be a TCP port in [0, 65535], got {getattr(self, name)}")
         if not -1 <= self.bulk_port <= 65535:
             raise ValueError(f"swarm.bulk_port must be a TCP port in [0, 65535], or -1 for none, got {self.bulk_port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"swarm.metrics_port must be a TCP port in [0, 65535], or -1 for none, got {self.metrics_port}")
+        if not self.metrics_interval_s > 0:
+            raise ValueError(f"swarm.metrics_interval_s must be positive (seconds between JSONL lines), "
+                             f"got {self.metrics_interval_s}")
         for name in ("matchmaking_s", "reduce_timeout_s", "heartbeat_s", "record_ttl_s", "join_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"swarm.{name} must be positive, got {getattr(self, name)}")

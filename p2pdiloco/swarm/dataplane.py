@@ -39,6 +39,7 @@ from .matchmaking import Group
 from .bulk import BulkError, Buffers
 from .channels import Channels
 from .records import PROTOCOL_VERSION
+from .traffic import Traffic, nbytes
 from .wire import (REPLY_PAYLOAD, SERVICE, InPlace, check_in_place, split_request,
                    with_payload)
 
@@ -270,10 +271,12 @@ def _reply(codec, parts: list[tuple[torch.Tensor | Encoded, float]], names: list
 
 
 class Servicer(pb_grpc.AveragingServicer):
-    """`trust` (trust.py): a closed run's checks; None: an open run, anyone who knows it may call."""
+    """`trust` (trust.py): a closed run's checks; None: an open run, anyone who knows it may call.
+    `traffic`: where the bytes served are counted (traffic.py; the peer's metrics read it)."""
 
-    def __init__(self, book: RoundBook, state_provider, trust=None):
+    def __init__(self, book: RoundBook, state_provider, trust=None, traffic: Traffic | None = None):
         self.book, self.state_provider, self.trust = book, state_provider, trust
+        self.traffic = traffic if traffic is not None else Traffic()
 
     def admit(self, caller: pb.Caller, context=None, peer: str | None = None) -> None:
         """A closed run: Refused unless the transport proved an admitted peer that is `caller`.
@@ -303,15 +306,21 @@ class Servicer(pb_grpc.AveragingServicer):
         return pb.ReduceReply.FromString(await self.reduce(request, None, context))
 
     async def _reduce_wire(self, request: tuple, context) -> bytes:
-        return await self.reduce(*request, context)
+        reply = await self.reduce(*request, context)  # gRPC only: libp2p calls Reduce
+        if reply is not None:
+            self.traffic.add("grpc", sent=len(reply))
+        return reply
 
     async def reduce_bulk(self, data: memoryview, peer: str | None = None) -> list:
         """Reduce on the bulk port (bulk.py): the serialized request in, the serialized reply out
         (as buffers to write one after the other). `peer`: who TLS says is calling (a closed run)."""
         request, payload = split_request(data)
+        self.traffic.add("bulk", received=nbytes(data))
         try:
             self.admit(request.caller, peer=peer)
-            return await self.book.receive(request, payload)
+            reply = await self.book.receive(request, payload)
+            self.traffic.add("bulk", sent=nbytes(reply))
+            return reply
         except Refused as exc:
             log.warning("refused a part from %s: %s", request.caller.peer_id or "?", exc)
             raise BulkError(exc.code, str(exc)) from None
@@ -338,6 +347,7 @@ class Servicer(pb_grpc.AveragingServicer):
         chunk = 1 << 20
         for i in range(0, max(len(blob), 1), chunk):
             first = i == 0
+            self.traffic.add("state", sent=len(blob[i: i + chunk]))
             yield pb.StateChunk(total_bytes=len(blob) if first else 0, sha256=digest if first else b"",
                                 data=blob[i: i + chunk])
 
@@ -345,8 +355,12 @@ class Servicer(pb_grpc.AveragingServicer):
 def serve(servicer: Servicer, server: grpc.aio.Server) -> None:
     """Register the Averaging service on `server`: the generated handlers, except that Reduce takes
     and gives its payload without protobuf's copies (the same messages on the wire)."""
+    def reduce_request(data: bytes) -> tuple:  # the request's size on the wire, before it is split
+        servicer.traffic.add("grpc", received=len(data))
+        return split_request(data)
+
     handlers = {
-        "Reduce": grpc.unary_unary_rpc_method_handler(servicer._reduce_wire, request_deserializer=split_request),
+        "Reduce": grpc.unary_unary_rpc_method_handler(servicer._reduce_wire, request_deserializer=reduce_request),
         "DownloadState": grpc.unary_stream_rpc_method_handler(
             servicer.DownloadState, request_deserializer=pb.StateRequest.FromString,
             response_serializer=pb.StateChunk.SerializeToString),

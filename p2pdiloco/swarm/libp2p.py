@@ -74,7 +74,10 @@ async def serve(p2p, servicer, max_message_bytes: int) -> None:
         if request.ByteSize() > max_message_bytes:
             await _Context().abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a Reduce of {request.ByteSize():,} bytes is over "
                                    f"this peer's --max-message-mb ({max_message_bytes:,} bytes)")
-        yield await servicer.Reduce(request, await _context(servicer, request.caller, context))
+        servicer.traffic.add("libp2p", received=request.ByteSize())
+        reply = await servicer.Reduce(request, await _context(servicer, request.caller, context))
+        servicer.traffic.add("libp2p", sent=reply.ByteSize())
+        yield reply
 
     async def download(request: pb.StateRequest, context):
         async for chunk in servicer.DownloadState(request, await _context(servicer, request.caller, context)):

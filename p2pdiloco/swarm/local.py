@@ -1,7 +1,8 @@
 """`p2pdiloco local-swarm`: the README's main command. Starts N real peer processes on loopback (the
 first starts the swarm, the others join it through its printed join line), shows their progress,
 and ends with a summary: eval loss before and after, bytes each peer sent against what
-data-parallel training would have sent, and the fraction of wall time spent computing.
+data-parallel training would have sent, and the fraction of wall time spent computing. Each peer
+writes its metrics to `metrics.jsonl` in its folder unless told otherwise (`p2pdiloco plot WORKDIR`).
 
 Every peer is its own process group; all of them are stopped on Ctrl-C, on error, and at the end.
 """
@@ -105,6 +106,8 @@ def start_peers(peers: int, argv, folder, echo, then=lambda address: []) -> tupl
 def run_local_swarm(peers: int, peer_args: list[str], workdir: Path, timeout_s: float, echo=print) -> dict:
     start = time.monotonic()
     args = [*peer_args, "--wait-for-peers", str(peers), "--json", "summary.json", "--run-id", "local"]
+    if not any(a == "--metrics-jsonl" or a.startswith("--metrics-jsonl=") for a in peer_args):
+        args += ["--metrics-jsonl", "metrics.jsonl"]  # in each peer's folder, for `p2pdiloco plot WORKDIR`
     procs, _ = start_peers(peers, lambda i: args, lambda i: workdir / f"peer{i}", echo)
     return {"peers": finish(procs, start + timeout_s), "wall_s": time.monotonic() - start}
 

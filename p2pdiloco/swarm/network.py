@@ -35,6 +35,7 @@ from .dataplane import Identity, MeanRefused, RoundBook, Servicer, allreduce
 from .servers import Servers
 from .loop import BackgroundLoop
 from .matchmaking import Member, form_group
+from .metrics import Metrics
 from .records import MAX_REFUSED, PROTOCOL_VERSION, PeerRecord
 from .state import StateError, agreed, download_state
 
@@ -87,11 +88,13 @@ def _closed_run_only(control: ControlPlane) -> bool:
 class Network:
     def __init__(self, cfg: SwarmConfig, config_hash: str, config_text: str, codec: str, state_provider,
                  aggregate: AggregateConfig = AggregateConfig(), status: dict | None = None,
-                 *, run_config: dict, control: ControlPlane | None = None):
+                 *, run_config: dict, control: ControlPlane | None = None, metrics: Metrics | None = None):
         """`run_config`: records.shared_config() of the run, published for newcomers to adopt.
         `control`: a DHT node already started (start_control), which this Network now owns.
-        `status`: a resumed peer's counters, for its very first record."""
+        `status`: a resumed peer's counters, for its very first record.
+        `metrics`: where rounds and bytes are counted (metrics.py); the peer's, or one of its own."""
         self.cfg, self.config_hash, self.config_text, self.aggregate = cfg, config_hash, config_text, aggregate
+        self.metrics = metrics if metrics is not None else Metrics(cfg.run_id)
         self.run_config = run_config
         self.loop = BackgroundLoop()
         self.control: ControlPlane | None = control
@@ -123,7 +126,7 @@ class Network:
             if self.adversary is not None:
                 log.warning("this peer is an ADVERSARY (%s): it lies to the others on purpose (bench attack)", cfg.adversary)
                 self.book.poison = self.adversary.mean
-            self.channels = Channels(cfg.max_message_bytes, self.trust)
+            self.channels = Channels(cfg.max_message_bytes, self.trust, self.metrics.traffic)
             # 30 s to serve, plus reachability.py's probe: twice at most a DHT read (15 s) and two peers.
             self.address = self.loop.call(self._serve(state_provider), timeout=120)
             self.me = Member(self.peer_id, self.address)
@@ -134,7 +137,7 @@ class Network:
             raise
 
     async def _serve(self, state_provider) -> str:
-        servicer = Servicer(self.book, state_provider, self.trust)
+        servicer = Servicer(self.book, state_provider, self.trust, self.metrics.traffic)
         self.servers = Servers(servicer, self.cfg.max_message_bytes, self.cfg.reduce_timeout_s)
         port, bulk_port = await self.servers.start(self.cfg.host, self.cfg.port, self.cfg.bulk_port)
         # Every peer also serves (and can call) the libp2p transport, on the DHT's own daemon.
@@ -233,6 +236,7 @@ class Network:
 
     async def average(self, key: SyncKey, encoded: Encoded, weight: float) -> AverageResult:
         c = self.cfg
+        started = time.monotonic()
         if self.adversary is not None:
             encoded, weight = self.adversary.part(key, encoded, weight)
         group = await form_group(self.control, key, self.me, self.training_peers, c.group_size, c.matchmaking_s,
@@ -247,11 +251,13 @@ class Network:
                                      check_ratio=self.aggregate.check_ratio)
         except MeanRefused as exc:
             self.refuse(exc.owner)
+            self.metrics.round_refused()
             raise
         self._spare_means[(key.kind, key.index)] = result.mean
         self.group_sizes[group.size] = self.group_sizes.get(group.size, 0) + 1
         self.averaged_with.update(p for p in result.participants if p != self.peer_id)
         self.matchmaking_s.append(round(group.waited_s, 4))
+        self.metrics.round_done(time.monotonic() - started, group.waited_s, group.size)
         log.debug("%s %d round %d: averaged with %d peer(s) (matchmaking %.2fs)", key.kind, key.index, key.round,
                  len(result.participants), group.waited_s)
         return result
@@ -291,8 +297,10 @@ class Network:
 
     async def _download(self, address: str, fragments: set[int] | None) -> bytes:
         stub = self.channels.stub(address)  # channels belong to the loop: make them on it
-        return await download_state(stub, self.identity.caller(), self.cfg.join_timeout_s, self.cfg.max_state_bytes,
+        blob = await download_state(stub, self.identity.caller(), self.cfg.join_timeout_s, self.cfg.max_state_bytes,
                                     fragments)
+        self.metrics.traffic.add("state", received=len(blob))
+        return blob
 
     # ---- leaving
     def close(self) -> None:

@@ -31,6 +31,7 @@ from . import checkpoint as ckpts
 from . import joindir
 from .config import SwarmConfig
 from .control import SwarmStartError
+from .metrics import Metrics
 from .network import Network, start_control
 from .records import config_hash, describe_config, shared_config
 from .runconfig import ConfigMismatch, NoRunPeers, adopt, choose_run, find_run, given_names  # noqa: F401 (ConfigMismatch: re-exported)
@@ -60,6 +61,7 @@ class Peer:
                                       f"peers that crashed stay there; delete them if no peer of the run is alive") from None
             raise
         self.net = None
+        self.metrics = Metrics(swarm.run_id)  # fed by the loop below and by the network (metrics.py)
         try:
             if swarm.initial_peers:  # the run's config, from its peers' records, before anything is built
                 cfg = self._join_run(control, cfg, given)
@@ -83,7 +85,7 @@ class Peer:
                     f"that no live peer holds; starting as a new peer")
             self.net = Network(swarm, config_hash(cfg), describe_config(cfg), cfg.streaming.codec,
                                self._state_for_newcomer, cfg.aggregate, status=self._resumed_status(),
-                               run_config=shared_config(cfg), control=control)
+                               run_config=shared_config(cfg), control=control, metrics=self.metrics)
         except BaseException:
             if self.net is None:  # (a Network that failed to start has stopped the DHT itself)
                 control.shutdown()
@@ -97,7 +99,11 @@ class Peer:
             self.sampler = ShardSampler(self.corpus, shard, workers, cfg.batch_size, stream=stream)
             self._check_message_size()
             self._setup_checkpoints()
+            s = self.swarm
+            self.metrics.start(self.net.peer_id, self.net.address, s.host, s.metrics_port, s.metrics_jsonl,
+                               s.metrics_interval_s)
         except BaseException:
+            self.metrics.close()
             self.net.close()
             raise
 
@@ -345,6 +351,8 @@ class Peer:
             if self.net.transport_note:
                 self.out(f"[peer] {self.net.transport_note}", flush=True)
             self.out(f"[peer] join with: {line}", flush=True)
+            if self.metrics.url:
+                self.out(f"[peer] metrics: {self.metrics.url}", flush=True)
             if self.swarm.join_dir:
                 # With --announce-host, only that address: a loopback one would lead another
                 # container to its own daemon.
@@ -359,6 +367,7 @@ class Peer:
         w, cfg, status, hw = self.worker, self.cfg, self.net.status, self.hw
         self._start_clock([])  # a peer that trains alone (wait-for-peers 1, nobody there) starts the clock
         before = evaluate(w.load_global_into(self.eval_model), self.val)
+        self.metrics.observe_eval(before)
         accumulate = f" = {hw.accumulation(cfg.batch_size)} x {hw.micro_batch}" if hw.micro_batch else ""
         self.out(f"[peer] training from {w.schedule.progress(w.step)} on {self.device} ({torch.get_num_threads()} "
                  f"threads), batch {cfg.batch_size}{accumulate}; eval loss of the global model {before:.4f}", flush=True)
@@ -390,10 +399,12 @@ class Peer:
             if elapsed >= next_eval:  # the loss-against-wall-clock curve (bench wan); not counted as compute
                 t1 = time.perf_counter()
                 curve.append((elapsed, w.tokens, evaluate(w.load_global_into(self.eval_model), self.val)))
+                self.metrics.observe_eval(curve[-1][2])
                 eval_s += time.perf_counter() - t1
                 next_eval = elapsed + self.swarm.eval_every_s
             status.update(step=w.step, tokens=w.tokens, tokens_per_s=(w.tokens - tokens0) / max(elapsed, 1e-9),
                           rounds=dict(w.applied_rounds))
+            self.metrics.observe_step(w, loss, status["tokens_per_s"], elapsed, compute_s / max(elapsed - eval_s, 1e-9))
             self._maybe_checkpoint()
             if elapsed - last_report > 10:
                 last_report = elapsed
@@ -410,6 +421,8 @@ class Peer:
         wall = time.perf_counter() - start
         after = evaluate(w.load_global_into(self.eval_model), self.val)
         curve.append((wall, w.tokens, after))
+        self.metrics.observe_eval(after)
+        self.metrics.observe_step(w, loss, status["tokens_per_s"], wall, compute_s / max(wall - eval_s, 1e-9), final=True)
         return {"peer_id": self.net.peer_id, "eval_loss_initial": before, "eval_loss": after,
                 "steps": w.step, "completed": w.schedule.finished(w.step), "tokens": w.tokens,
                 "bytes_sent": w.bytes_sent, "peak_sync_bytes": w.peak_sync_bytes,
@@ -466,6 +479,7 @@ class Peer:
             log.error("could not write the checkpoint: %s", exc)
         if self.swarm.join_dir:
             joindir.withdraw(self.swarm.join_dir, self.net.peer_id)
+        self.metrics.close()
         self.net.close()
 
 
