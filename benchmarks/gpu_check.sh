@@ -4,7 +4,8 @@
 #   2. tests/test_device.py, whose CUDA tests compare the codec, the fused sum, the outer step and a
 #      whole sync on the GPU with the CPU;
 #   3. a real swarm of two `p2pdiloco peer` processes on loopback, both training on CUDA: both must
-#      exit 0, report device cuda, and end with a lower eval loss than they started with.
+#      exit 0, report device cuda, have averaged with each other (sent bytes), and end with a lower
+#      eval loss than they started with.
 #
 # Usage: benchmarks/gpu_check.sh [OUTDIR]      (default: runs/gpu-check; results and peer logs there)
 # Exit status: 0 all passed; 1 a check failed; 0 with "SKIP: no CUDA here" on a machine where torch
@@ -85,9 +86,10 @@ for name in ("peer0", "peer1"):
     s = json.loads((out / name / "summary.json").read_text())
     fell = s["eval_loss"] < s["eval_loss_initial"]
     on = s["device"].startswith(device)
+    averaged = s["bytes_sent"] > 0  # it averaged with the other peer at least once (alone, nothing is sent)
     print(f"{name}: device {s['device']}, eval loss {s['eval_loss_initial']:.4f} -> {s['eval_loss']:.4f}, "
-          f"{s['bytes_sent']:,} bytes sent{'' if fell and on else '  <-- FAIL'}")
-    ok = ok and fell and on
+          f"{s['bytes_sent']:,} bytes sent{'' if fell and on and averaged else '  <-- FAIL'}")
+    ok = ok and fell and on and averaged
 sys.exit(0 if ok else 1)
 EOF
 echo "PASS: codec, tests and a 2-peer swarm on $DEVICE (results under $OUT)"
