@@ -36,6 +36,9 @@ class AverageResult:
     participants: tuple[str, ...]
     total_weight: float
     bytes_sent: int = 0  # what this member put on the wire for this average
+    # The spans' encoded means, in order, that `mean` decodes (on the host), where the averager keeps
+    # them: a peer that trains on a GPU copies these bytes there and decodes, not the fp32 mean.
+    encoded: tuple[Encoded, ...] = ()
 
 
 def span_bounds(numel: int, parts: int, align: int) -> list[tuple[int, int]]:
@@ -160,7 +163,7 @@ class InProcessAverager:
         codec, numel = first.codec, first.numel  # the mean travels in the codec it was sent in
         spans = span_bounds(numel, len(names), codec.align)
         sent = {n: 0 for n in names}
-        means = []
+        means, encoded = [], []
         for owner, (lo, hi) in zip(names, spans):
             parts = [(pending.members[n][0].slice(lo, hi), pending.members[n][1]) for n in names]
             for n, (enc, _) in zip(names, parts):  # reduce-scatter: everyone but the owner sends
@@ -169,6 +172,7 @@ class InProcessAverager:
             mean = codec.encode(reduce_parts(parts, self.aggregate))
             sent[owner] += mean.nbytes * (len(names) - 1)  # all-gather: the owner sends the mean back
             means.append(mean.decode())
+            encoded.append(mean)
         mean = torch.cat(means) if means else torch.zeros(0)
         total = float(sum(w for _, w in pending.members.values()))
-        return {n: AverageResult(mean.clone(), tuple(names), total, sent[n]) for n in names}
+        return {n: AverageResult(mean.clone(), tuple(names), total, sent[n], tuple(encoded)) for n in names}

@@ -108,9 +108,14 @@ class FlatView:
         params = dict(model.named_parameters())
         self.params = [params[n] for n in fragment.param_names]
 
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
     def read(self) -> torch.Tensor:
-        # Global copies, outer state and codecs live on the CPU: syncs are rare, device memory is not.
-        return torch.cat([p.detach().reshape(-1).float() for p in self.params]).cpu()
+        """A copy of the fragment, on the parameters' device: the global copies, outer state and codec
+        work there (streaming.py), and only encoded bytes cross to the host."""
+        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
 
     @torch.no_grad()
     def write(self, flat: torch.Tensor) -> None:

@@ -29,9 +29,11 @@ class OuterConfig:
 
 
 class OuterSGD:
-    def __init__(self, cfg: OuterConfig, numel: int):
+    """The momentum lives on `device`, with the global copy it updates (the training device)."""
+
+    def __init__(self, cfg: OuterConfig, numel: int, device: torch.device | str = "cpu"):
         self.cfg = cfg.validate()
-        self.buf = torch.zeros(numel, dtype=torch.float32)
+        self.buf = torch.zeros(numel, dtype=torch.float32, device=device)
 
     def direction(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(update direction, new momentum buffer) without changing state."""
@@ -50,7 +52,9 @@ class OuterSGD:
         return theta - self.cfg.lr * update
 
     def state_dict(self) -> dict:
-        return {"buf": self.buf.clone()}
+        """A copy on the CPU, whatever the device: states travel and are saved device-free."""
+        return {"buf": self.buf.to("cpu", copy=True)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buf = state["buf"].clone().float()
+        """A saved or downloaded state (read on the CPU) goes to this optimizer's device."""
+        self.buf = state["buf"].to(self.buf.device, torch.float32, copy=True)

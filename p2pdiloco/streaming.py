@@ -115,9 +115,13 @@ class Worker:
         self.grad_codec = get_codec("bf16")  # data-parallel's gradients travel as in a bf16 all-reduce
         self.fragments = build_fragments(model, n_blocks, cfg.fragments, cfg.strategy)
         self.views = [FlatView(model, f) for f in self.fragments]
+        # The global copies, outer momentum and error-feedback residuals live on the training device,
+        # and the codec encodes and decodes there: only encoded bytes cross to the host and back.
+        self.device = next(model.parameters()).device
         self.global_params = [v.read() for v in self.views]
-        self.outer = [OuterSGD(outer, f.numel) for f in self.fragments]
-        self.residuals = [torch.zeros(f.numel) for f in self.fragments] if cfg.error_feedback else None
+        self.outer = [OuterSGD(outer, f.numel, self.device) for f in self.fragments]
+        self.residuals = ([torch.zeros(f.numel, device=self.device) for f in self.fragments]
+                          if cfg.error_feedback else None)
         self.offsets = sync_offsets(len(self.fragments), cfg.H)
         # A swarm peer in time-budget mode swaps in a ClockSchedule once it knows the run's epoch.
         self.schedule = StepSchedule(self.offsets, cfg.H, inner.total_steps)
@@ -156,8 +160,7 @@ class Worker:
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int = 0) -> float:
         """One step's gradient, accumulated over micro-batches of `micro_batch` sequences (0: all
         at once) so a small device takes the same step as a large one."""
-        device = next(self.model.parameters()).device
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
         size = len(inputs)
         chunk = micro_batch or size
         loss_sum = 0.0
@@ -169,9 +172,9 @@ class Worker:
         self.tokens += n
         self.tokens_since = [t + n for t in self.tokens_since]
         if self.data_parallel_now:
-            grads = torch.cat([p.grad.reshape(-1) for p in self.model.parameters()]).float().cpu()
+            grads = torch.cat([p.grad.reshape(-1) for p in self.model.parameters()]).float()
             key = SyncKey("grad", 0, self.step)
-            self._grad_future = self.averager.submit(key, self.grad_codec.encode(grads), float(n))
+            self._grad_future = self.averager.submit(key, self.grad_codec.encode(grads).to("cpu"), float(n))
         return loss_sum
 
     # ---- phase 2: the inner step (data-parallel: on the averaged gradient)
@@ -180,9 +183,9 @@ class Worker:
             result = self._await(self._grad_future)
             self._grad_future = None
             self._count_bytes(result.bytes_sent, "grad")
-            offset = 0
+            mean, offset = self._mean_here(result), 0
             for p in self.model.parameters():
-                p.grad.copy_(result.mean[offset: offset + p.numel()].view_as(p))
+                p.grad.copy_(mean[offset: offset + p.numel()].view_as(p))
                 offset += p.numel()
         self.inner.step(self.schedule.lr_step(self.step))
         self.step += 1
@@ -235,7 +238,8 @@ class Worker:
             return
         encoded, residual_before = self._encode_delta(f, delta)
         weight = float(self.tokens_since[f])
-        future = self.averager.submit(SyncKey("fragment", f, rnd), encoded, weight)
+        # The one copy to the host of a sync: the encoded bytes (a no-op on the CPU).
+        future = self.averager.submit(SyncKey("fragment", f, rnd), encoded.to("cpu"), weight)
         proxy = None
         if self.cfg.eager and not final:
             proxy = self.outer[f].preview(self.global_params[f], delta)
@@ -245,8 +249,8 @@ class Worker:
         self.tokens_since[f] = 0
 
     def _encode_delta(self, f: int, delta: torch.Tensor):
-        """Encode Δ_f; with error feedback, first add what the codec dropped last round (a lossy
-        codec's error then cancels across rounds instead of accumulating: EF-SGD)."""
+        """Encode Δ_f (on the training device); with error feedback, first add what the codec dropped
+        last round (a lossy codec's error then cancels across rounds instead of accumulating: EF-SGD)."""
         if self.residuals is None or self.codec.name == "fp32":
             return self.codec.encode(delta), None
         before = self.residuals[f]
@@ -280,15 +284,31 @@ class Worker:
             return
         self._count_bytes(result.bytes_sent, f)
         self.rounds_applied += 1
+        mean = self._mean_here(result)
         with self.lock:
             self.applied_rounds[f] = sync.round
-            self.outer[f].step(self.global_params[f], result.mean)
+            self.outer[f].step(self.global_params[f], mean)
         local = self.views[f].read()
         if sync.proxy is not None:
             merged = self.global_params[f] + (local - sync.proxy)
         else:
             merged = sync.alpha * local + (1 - sync.alpha) * self.global_params[f]
         self.views[f].write(merged)
+
+    def _mean_here(self, result) -> torch.Tensor:
+        """The mean on the training device. The averager decodes it on the host (the swarm checks it
+        there); a device peer decodes the spans' encoded means again where it trains, so that 1/8 of
+        the fp32 bytes cross (E3M0), the same values bit for bit (decoding is a table look-up)."""
+        if result.mean.device == self.device:
+            return result.mean
+        if not result.encoded:
+            return result.mean.to(self.device)
+        mean, lo = torch.empty(result.mean.numel(), device=self.device), 0
+        for span in result.encoded:
+            span.codec.decode_into(span.to(self.device), mean[lo: lo + span.numel])
+            lo += span.numel
+        assert lo == mean.numel(), "the spans' means must cover the vector"
+        return mean
 
     def _await(self, future: Future):
         start = time.perf_counter()

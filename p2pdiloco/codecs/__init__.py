@@ -3,6 +3,9 @@ and E3M0 with its codes Huffman-coded (lossless, about 3.5 bits a value).
 
 An encoded tensor is an `Encoded` (base.py): an 8-byte header, per-block scales and the packed values.
 Decoding always produces fp32 and accumulation happens in fp32 (Streaming DiLoCo, arXiv 2501.18512 §2.3).
+Codecs are plain torch and work on any device: `encode` leaves the payload on its input's device and
+`decode` decodes on the payload's, so a GPU peer encodes and decodes where it trains and only the
+encoded bytes cross to the host (`Encoded.to`); the wire (`Encoded.pieces`) takes host payloads.
 base.py holds what all share, simple.py the casts and int8, e3m0.py the 4-bit codec, entropy.py its
 Huffman-coded form.
 """

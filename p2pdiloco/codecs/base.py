@@ -34,6 +34,18 @@ class Encoded:
     wire_cache: list = field(default_factory=list, compare=False, repr=False)
 
     @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to(self, device: torch.device | str) -> Encoded:
+        """The same payload with its tensors on `device`: only the encoded bytes move (a codec encodes
+        and decodes on the training device; the wire needs them on the host). Itself if already there."""
+        device = torch.device(device)
+        if self.values.device == device and self.scales.device == device:
+            return self
+        return Encoded(self.codec, self.numel, self.scales.to(device), self.values.to(device))
+
+    @property
     def nbytes(self) -> int:
         return HEADER_BYTES + self.scales.numel() * self.scales.element_size() + self.codec.wire_values_nbytes(self)
 

@@ -70,7 +70,7 @@ class E3M0Codec(Codec):
         if block % 2 == 0:
             self._pack_by_table(x, tail, whole, offset, slow_rows, shared, packed)
             scales = (shared[: -(-n // block)] + self.BIAS).to(torch.uint8)
-            return Encoded(self, n, scales.cpu(), packed.cpu())
+            return Encoded(self, n, scales, packed)
         buffers = [torch.empty(step, dtype=torch.int32, device=x.device) for _ in range(3)]
         for lo in range(0, n, step):
             src = x[lo: lo + step] if lo < whole else tail
@@ -105,7 +105,7 @@ class E3M0Codec(Codec):
             nbytes = min(m, n - lo + 1) // 2
             packed[lo // 2: lo // 2 + nbytes] = t64[:nbytes]
         scales = (shared[: -(-n // block)] + self.BIAS).to(torch.uint8)
-        return Encoded(self, n, scales.cpu(), packed.cpu())
+        return Encoded(self, n, scales, packed)
 
     def _pack_by_table(self, x, tail, whole, offset, slow_rows, shared, packed) -> None:
         """The codes of an even block size, packed two per byte, with one table look-up per byte.
@@ -166,23 +166,23 @@ class E3M0Codec(Codec):
         return code, shared
 
     def decode(self, enc: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
-        n, block, step = enc.numel, self.block, self._step()
-        out = torch.empty(n) if out is None else out
+        n, block, step, device = enc.numel, self.block, self._step(), enc.device
+        out = torch.empty(n, device=device) if out is None else out
         if block % 2 == 0:
             # Each byte and its block's scale byte look up both of its decoded values at once.
-            table, index = _scaled_pairs(), self._pair_index(enc)
+            table, index = _scaled_pairs(device), self._pair_index(enc)
             for lo in range(0, n, step):
                 hi = min(lo + step, n)
                 _gather(table, index(lo, hi), out[lo:hi])
             return out
         shared = (enc.scales.to(torch.int32) - self.BIAS).clamp(max=self.BIAS)
-        scale = torch.ldexp(torch.ones(shared.numel()), shared)  # exact: 2^-127 is a subnormal, not 0
+        scale = torch.ldexp(torch.ones(shared.numel(), device=device), shared)  # exact: 2^-127 is a subnormal, not 0
         for lo in range(0, n, step):
             hi = min(lo + step, n)
             m, s = hi - lo, scale[lo // block: -(-hi // block)]
             # Each byte looks up both of its values at once (one int64 = two fp32), then the block
             # scale multiplies them: level · 2^S is a power of two ≥ 2^-133, so the product is exact.
-            pairs = _E3M0_PAIRS.index_select(0, enc.values[lo // 2: (hi + 1) // 2].to(torch.int32))
+            pairs = _e3m0_pairs(device).index_select(0, enc.values[lo // 2: (hi + 1) // 2].to(torch.int32))
             vals = pairs.view(torch.float32)[:m]
             full = m // block * block
             torch.mul(vals[:full].view(-1, block), s[: full // block, None], out=out[lo: lo + full].view(-1, block))
@@ -199,7 +199,7 @@ class E3M0Codec(Codec):
         The returned tensor is reused by the next call."""
         block, half = self.block, self.block // 2
         srow = enc.scales.to(torch.int32) << 8
-        buf = torch.empty(self._step() // 2, dtype=torch.int32)
+        buf = torch.empty(self._step() // 2, dtype=torch.int32, device=enc.device)
 
         def index(lo: int, hi: int) -> torch.Tensor:
             nb, b0 = (hi - lo + 1) // 2, lo // block
@@ -227,8 +227,8 @@ class E3M0Codec(Codec):
         (fp32, n values) if given."""
         if self.block % 2 or not parts:
             return None
-        n = parts[0][0].numel
-        if any(enc.codec is not self or enc.numel != n for enc, _ in parts):
+        n, device = parts[0][0].numel, parts[0][0].device
+        if any(enc.codec is not self or enc.numel != n or enc.device != device for enc, _ in parts):
             return None
         live = []
         for enc, alpha in parts:
@@ -239,12 +239,13 @@ class E3M0Codec(Codec):
                 continue
             if not self._no_underflow(enc, a32):
                 return None
-            table = torch.zeros(2 * _SCALED_PAIRS_ROWS).add_(_scaled_pairs().view(torch.float32), alpha=alpha)
+            table = torch.zeros(2 * _SCALED_PAIRS_ROWS, device=device).add_(
+                _scaled_pairs(device).view(torch.float32), alpha=alpha)
             live.append((self._pair_index(enc), table.view(torch.int64)))
-        acc = torch.empty(n) if out is None else out
+        acc = torch.empty(n, device=device) if out is None else out
         if not live:
             acc.zero_()
-        tmp = torch.empty(self._step())
+        tmp = torch.empty(self._step(), device=device)
         for lo in range(0, n if live else 0, self._step()):
             hi = min(lo + self._step(), n)
             for i, (index, table) in enumerate(live):
@@ -276,20 +277,37 @@ _E3M0_VALUES = torch.tensor(_E3M0_LEVELS + [-v for v in _E3M0_LEVELS])
 # Packed byte → (low nibble's value, high nibble's value), stored as one int64 per byte.
 _E3M0_PAIRS = torch.stack([_E3M0_VALUES.repeat(16), _E3M0_VALUES.repeat_interleave(16)], 1).view(torch.int64).view(-1)
 
+# The tables, per device: each is computed once on the CPU and copied, so that every device decodes
+# by the same bits (a look-up is a copy; a table computed on another device could round differently).
+_ON_DEVICE: dict = {}
+
+
+def _on(device, name: str, make) -> torch.Tensor:
+    device = torch.device(device)
+    table = _ON_DEVICE.get((name, device))
+    if table is None:
+        table = _ON_DEVICE[(name, device)] = make().to(device)
+    return table
+
+
+def _e3m0_pairs(device) -> torch.Tensor:
+    return _on(device, "pairs", lambda: _E3M0_PAIRS)
+
 
 # E3M0 decoding by table (even blocks): row 256 · (scale byte) + byte holds the byte's two values
 # times 2^S as one int64, the same products as the multiply in E3M0Codec.decode's odd-block path.
 _SCALED_PAIRS_ROWS = 256 * 256
-_SCALED_PAIRS: list = []
 
 
-def _scaled_pairs() -> torch.Tensor:
-    if not _SCALED_PAIRS:
-        shared = (torch.arange(256, dtype=torch.int32) - E3M0Codec.BIAS).clamp(max=E3M0Codec.BIAS)
-        scale = torch.ldexp(torch.ones(256), shared)
-        table = _E3M0_PAIRS.view(torch.float32).view(1, 512) * scale[:, None]
-        _SCALED_PAIRS.append(table.reshape(-1).view(torch.int64))
-    return _SCALED_PAIRS[0]
+def _make_scaled_pairs() -> torch.Tensor:
+    shared = (torch.arange(256, dtype=torch.int32) - E3M0Codec.BIAS).clamp(max=E3M0Codec.BIAS)
+    scale = torch.ldexp(torch.ones(256), shared)
+    table = _E3M0_PAIRS.view(torch.float32).view(1, 512) * scale[:, None]
+    return table.reshape(-1).view(torch.int64)
+
+
+def _scaled_pairs(device="cpu") -> torch.Tensor:
+    return _on(device, "scaled", _make_scaled_pairs)
 
 
 def _min_safe_exponent(alpha: float) -> int:
@@ -322,16 +340,13 @@ def _code_of_w() -> torch.Tensor:
     return (code + 8 * negative.to(torch.int32)).to(torch.uint8)
 
 
-_PAIR_CODE_TABLES: dict = {}
+def _make_pair_codes() -> torch.Tensor:
+    c = _code_of_w()
+    return (c[None, :] | c[:, None] << 4).reshape(-1)
 
 
 def _pair_codes(device) -> torch.Tensor:
-    table = _PAIR_CODE_TABLES.get(device)
-    if table is None:
-        c = _code_of_w()
-        table = (c[None, :] | c[:, None] << 4).reshape(-1).to(device)
-        _PAIR_CODE_TABLES[device] = table
-    return table
+    return _on(device, "codes", _make_pair_codes)
 
 
 def _absmax(x: torch.Tensor, block: int) -> torch.Tensor:

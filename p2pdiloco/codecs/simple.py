@@ -18,7 +18,7 @@ class CastCodec(Codec):
         if self.dtype == torch.float16:
             x = x.clamp(-65504.0, 65504.0)
         values = x.to(self.dtype).contiguous().view(torch.uint8)
-        return Encoded(self, x.numel(), torch.empty(0, dtype=torch.uint8), values.cpu())
+        return Encoded(self, x.numel(), x.new_empty(0, dtype=torch.uint8), values)
 
     def decode(self, enc: Encoded) -> torch.Tensor:
         return enc.values.view(self.dtype).float()
@@ -36,7 +36,7 @@ class Int8Codec(Codec):
         blocks, n = _blocks(x, self.block)
         scale = blocks.abs().amax(dim=1) / 127.0
         q = torch.round(blocks / scale.clamp_min(1e-38)[:, None]).clamp(-127, 127).to(torch.int8)
-        return Encoded(self, n, scale.cpu(), q.reshape(-1)[:n].view(torch.uint8).cpu())
+        return Encoded(self, n, scale, q.reshape(-1)[:n].view(torch.uint8))
 
     def decode(self, enc: Encoded) -> torch.Tensor:
         if not torch.isfinite(enc.scales).all():

@@ -373,27 +373,37 @@ def serve(servicer: Servicer, server: grpc.aio.Server) -> None:
 
 
 async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: Encoded, weight: float,
-                    timeout_s: float, out: torch.Tensor | None = None, check_ratio: float | None = None) -> AverageResult:
+                    timeout_s: float, out: torch.Tensor | None = None, check_ratio: float | None = None,
+                    device: torch.device | None = None) -> AverageResult:
     """Average `encoded` within `group`; raises if any span's owner cannot answer within timeout_s,
     or (with `check_ratio`, see `_check_spans`) if a span's mean fails this member's check.
     The mean is written into `out` when it has the right size (a buffer reused from an earlier
     average: a fresh 40 MB one costs more in page faults than decoding into it); each span is
-    decoded into it as its answer comes, while the others are still on their way."""
+    decoded into it as its answer comes, while the others are still on their way. With a `device`
+    other than the CPU, each span's encoded mean is also copied there as it comes (the result's
+    `encoded`), for a peer that trains there to decode: its bytes, not the fp32 mean, cross."""
     spans = span_bounds(encoded.numel, group.size, encoded.codec.align)
     caller = book.identity.caller()
     fits = out is not None and out.numel() == encoded.numel and out.dtype == torch.float32
     mean = out if fits else torch.empty(encoded.numel, dtype=torch.float32)
     sent = 0
+    # Copied now: a received span may view a buffer that is reused once this call returns.
+    on_device: list[Encoded | None] | None = [None] * group.size if device is not None and device.type != "cpu" else None
 
     async def take(i: int, reply: pb.ReduceReply, payload) -> pb.ReduceReply:
         lo, hi = spans[i]
         if isinstance(payload, InPlace):  # the values are in mean[lo:hi] already
             check_in_place(payload, hi - lo)
+            if on_device is not None:  # an fp32 mean: its bytes are the values
+                raw = mean[lo:hi].view(torch.uint8)
+                on_device[i] = Encoded(encoded.codec, hi - lo, raw[:0], raw).to(device)
             return reply
         enc = payload if isinstance(payload, Encoded) else await _parse(payload)
         if enc.numel != hi - lo:
             raise RuntimeError(f"{enc.numel} values in the mean, expected {hi - lo}")
         enc.codec.decode_into(enc, mean[lo:hi])
+        if on_device is not None:
+            on_device[i] = enc.to(device)
         return reply
 
     async def call(i: int) -> pb.ReduceReply:
@@ -443,7 +453,7 @@ async def allreduce(book: RoundBook, channels: Channels, group: Group, encoded: 
         total = max(total, r.total_weight)
     if check_ratio is not None:  # a pass over the vector: off the loop that carries every transfer
         await asyncio.get_running_loop().run_in_executor(None, _check_spans, mean, encoded, spans, group, check_ratio)
-    return AverageResult(mean, tuple(sorted(participants)), total, sent)
+    return AverageResult(mean, tuple(sorted(participants)), total, sent, tuple(on_device or ()))
 
 
 def _check_spans(mean: torch.Tensor, encoded: Encoded, spans, group: Group, ratio: float) -> None:

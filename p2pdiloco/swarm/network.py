@@ -231,10 +231,13 @@ class Network:
         return sorted(p for p, times in self._refusals.items()
                       if len([t for t in times if now - t < REFUSE_FOR_S]) >= REFUSE_AFTER)[:MAX_REFUSED]
 
-    def averager(self) -> Averager:
-        return SwarmAverager(self)
+    def averager(self, device: torch.device | None = None) -> Averager:
+        """The engine's averager; `device`: where it trains, if not the CPU (the means' encoded spans
+        are copied there as they arrive, for the engine to decode: streaming.Worker._mean_here)."""
+        return SwarmAverager(self, device)
 
-    async def average(self, key: SyncKey, encoded: Encoded, weight: float) -> AverageResult:
+    async def average(self, key: SyncKey, encoded: Encoded, weight: float,
+                      device: torch.device | None = None) -> AverageResult:
         c = self.cfg
         started = time.monotonic()
         if self.adversary is not None:
@@ -248,7 +251,7 @@ class Network:
         spare = self._spare_means.pop((key.kind, key.index), None)
         try:
             result = await allreduce(self.book, self.channels, group, encoded, weight, c.reduce_timeout_s, out=spare,
-                                     check_ratio=self.aggregate.check_ratio)
+                                     check_ratio=self.aggregate.check_ratio, device=device)
         except MeanRefused as exc:
             self.refuse(exc.owner)
             self.metrics.round_refused()
@@ -354,11 +357,11 @@ def excluded(records: list[PeerRecord], me: str) -> set[str]:
 
 
 class SwarmAverager(Averager):
-    def __init__(self, net: Network):
-        self.net = net
+    def __init__(self, net: Network, device: torch.device | None = None):
+        self.net, self.device = net, device
 
     def submit(self, key: SyncKey, encoded: Encoded, weight: float) -> "Future[AverageResult]":
         c = self.net.cfg
         # The whole average is bounded even if a remote peer stalls every step of it.
         bound = c.matchmaking_s + c.reduce_timeout_s + 10
-        return self.net.loop.submit(asyncio.wait_for(self.net.average(key, encoded, weight), bound))
+        return self.net.loop.submit(asyncio.wait_for(self.net.average(key, encoded, weight, self.device), bound))

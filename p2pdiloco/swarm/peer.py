@@ -92,7 +92,7 @@ class Peer:
             raise
         try:
             self.worker = Worker(self.net.peer_id[-8:], model, InnerOptimizer(model, cfg.inner, cfg.steps),
-                                 cfg.streaming, cfg.outer, self.net.averager())
+                                 cfg.streaming, cfg.outer, self.net.averager(self.device))
             shard = swarm.shard if swarm.shard >= 0 else 0
             workers = cfg.workers if swarm.shard >= 0 else 1
             stream = None if swarm.shard >= 0 else int.from_bytes(self.net.peer_id.encode()[-8:], "little")

@@ -31,6 +31,16 @@ class StateError(ValueError):
     """A downloaded or loaded state that does not fit this peer's model."""
 
 
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A copy on the CPU: a state blob or checkpoint is the same whatever device its peer trains on."""
+    return t.detach().to("cpu", copy=True)
+
+
+def _here(worker: Worker, t: torch.Tensor) -> torch.Tensor:
+    """A loaded (CPU) tensor as the worker keeps it: fp32, on its training device, a copy of its own."""
+    return t.to(worker.device, torch.float32, copy=True)
+
+
 def snapshot(worker: Worker, fragments: set[int] | None = None) -> bytes:
     """Safe from any thread: the global copies are read under the worker's lock. The inner moments
     may be a step apart from them, which costs nothing (they are only a warm start).
@@ -40,7 +50,7 @@ def snapshot(worker: Worker, fragments: set[int] | None = None) -> bytes:
         state = {
             "format": FORMAT,
             "step": worker.step,
-            "global": {i: g.clone() for i, g in enumerate(worker.global_params) if i in keep},
+            "global": {i: _host(g) for i, g in enumerate(worker.global_params) if i in keep},
             "outer": {i: o.state_dict() for i, o in enumerate(worker.outer) if i in keep},
             "applied_rounds": {str(k): v for k, v in worker.applied_rounds.items()},
         }
@@ -75,7 +85,7 @@ def restore(worker: Worker, blob: bytes) -> None:
     if any(g is None for g in glob) or "inner" not in state:
         raise StateError("the donor sent a partial state to a newcomer")
     worker.step = int(state["step"])
-    worker.global_params = [g.float().clone() for g in glob]
+    worker.global_params = [_here(worker, g) for g in glob]
     for outer, sd in zip(worker.outer, [state["outer"][i] for i in range(len(worker.outer))]):
         outer.load_state_dict(sd)
     worker.inner.opt.load_state_dict(state["inner"])
@@ -98,9 +108,9 @@ def catch_up(worker: Worker, blob: bytes, fragments: set[int]) -> list[int]:
         for f in sorted(fragments):
             if f not in state["global"] or rounds.get(f, -1) <= worker.applied_rounds.get(f, -1):
                 continue
-            new = state["global"][f].float()
+            new = _here(worker, state["global"][f])
             worker.views[f].write(worker.views[f].read() + (new - worker.global_params[f]))
-            worker.global_params[f] = new.clone()
+            worker.global_params[f] = new
             worker.outer[f].load_state_dict(state["outer"][f])
             worker.applied_rounds[f] = rounds[f]
             updated.append(f)
@@ -159,9 +169,9 @@ def rejoin(worker: Worker, blob: bytes) -> None:
         raise StateError("the donor sent a partial state to a rejoining peer")
     with worker.lock:
         for f, new in enumerate(glob):
-            new = new.float()
+            new = _here(worker, new)
             worker.views[f].write(worker.views[f].read() + (new - worker.global_params[f]))
-            worker.global_params[f] = new.clone()
+            worker.global_params[f] = new
             worker.outer[f].load_state_dict(state["outer"][f])
         worker.applied_rounds = {int(k): int(v) for k, v in state["applied_rounds"].items()}
         worker.step = int(state["step"])
@@ -174,20 +184,20 @@ def worker_state(worker: Worker) -> dict:
     A mean still in flight cannot be resumed: it is saved as a failed round (its tokens and its
     residual go to the fragment's next Δ, and the fragment is marked missed, to catch up)."""
     with worker.lock:
-        residuals = None if worker.residuals is None else [r.clone() for r in worker.residuals]
+        residuals = None if worker.residuals is None else [_host(r) for r in worker.residuals]
         tokens_since = list(worker.tokens_since)
         for f, sync in worker.in_flight.items():
             tokens_since[f] += int(sync.weight)
             if sync.residual_before is not None and residuals is not None:
-                residuals[f] = sync.residual_before.clone()
+                residuals[f] = _host(sync.residual_before)
         return {
             "format": FORMAT,
             "step": worker.step,
-            "global": {i: g.clone() for i, g in enumerate(worker.global_params)},
+            "global": {i: _host(g) for i, g in enumerate(worker.global_params)},
             "outer": {i: o.state_dict() for i, o in enumerate(worker.outer)},
             "applied_rounds": {str(k): v for k, v in worker.applied_rounds.items()},
             "inner": copy.deepcopy(worker.inner.opt.state_dict()),
-            "replica": [v.read() for v in worker.views],
+            "replica": [_host(v.read()) for v in worker.views],
             "residuals": residuals,
             "missed": sorted(worker.missed | set(worker.in_flight)),
             "counters": {"tokens": worker.tokens, "tokens_since": tokens_since,
@@ -210,7 +220,7 @@ def load_worker_state(worker: Worker, state: dict) -> None:
     c = state["counters"]
     with worker.lock:
         worker.step = int(state["step"])
-        worker.global_params = [state["global"][i].float().clone() for i in range(n)]
+        worker.global_params = [_here(worker, state["global"][i]) for i in range(n)]
         for i, outer in enumerate(worker.outer):
             outer.load_state_dict(state["outer"][i])
         worker.inner.opt.load_state_dict(state["inner"])
@@ -219,7 +229,8 @@ def load_worker_state(worker: Worker, state: dict) -> None:
             view.write(flat.float())
         if worker.residuals is not None:  # a run without error feedback before starts with none to carry
             saved = state["residuals"]
-            worker.residuals = [r.float().clone() for r in saved] if saved else [torch.zeros_like(r) for r in worker.residuals]
+            worker.residuals = ([_here(worker, r) for r in saved] if saved
+                                else [torch.zeros_like(r) for r in worker.residuals])
         worker.missed = {int(f) for f in state["missed"]}
         worker.tokens, worker.tokens_since = int(c["tokens"]), [int(t) for t in c["tokens_since"]]
         worker.skipped_rounds, worker.bytes_sent = int(c["skipped_rounds"]), int(c["bytes_sent"])
