@@ -18,6 +18,7 @@ Keys (all under `p2pdiloco/<run_id>/`):
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import os
 import signal
@@ -100,6 +101,10 @@ class ControlPlane:
     def __init__(self, cfg: ControlConfig):
         self.cfg = cfg
         self._malformed: set[tuple] = set()
+        # DHT calls made, by kind (publish, peers, declare, declarations): what a swarm's size costs
+        # each peer on the control plane (bench swarm). Calls come from several executor threads.
+        self.calls: collections.Counter[str] = collections.Counter()
+        self._calls_lock = threading.Lock()
         kwargs = {"host_maddrs": [f"/ip4/{cfg.host}/tcp/{cfg.port}"], "wait_timeout": cfg.dht_timeout_s}
         if cfg.identity_path:
             kwargs["identity_path"] = cfg.identity_path
@@ -165,14 +170,20 @@ class ControlPlane:
         self._check_alive()
         return await P2P.replicate(self._wait(self.dht.run_coroutine(_node_daemon_maddr, return_future=True)))
 
+    def _count(self, kind: str) -> None:
+        with self._calls_lock:
+            self.calls[kind] += 1
+
     def publish(self, record: PeerRecord, ttl_s: float, timeout_s: float | None = None) -> bool:
         self._check_alive()
+        self._count("publish")
         return bool(self._wait(self.dht.store(peers_key(self.cfg.run_id), record.to_dict(), dht_time() + ttl_s,
                                               subkey=record.peer_id, return_future=True), timeout_s))
 
     def peers(self) -> list[PeerRecord]:
         """Live peers of the run (state joining or training), malformed records skipped and logged."""
         self._check_alive()
+        self._count("peers")
         found = self._wait(self.dht.get(peers_key(self.cfg.run_id), latest=True, return_future=True))
         out, closed = [], 0
         if found is None or not isinstance(found.value, dict):
@@ -207,6 +218,7 @@ class ControlPlane:
         right before the store, not when the call was queued."""
         full = f"p2pdiloco/{self.cfg.run_id}/{key}"
         self._check_alive()
+        self._count("declare")
         at = dht_time()
         if not self._wait(self.dht.store(full, value, at + ttl_s, subkey=self.peer_id, return_future=True)):
             log.debug("the DHT did not take the declaration %s", key)
@@ -218,6 +230,7 @@ class ControlPlane:
     def declarations(self, key: str, ttl_s: float) -> dict[str, tuple[str, float]]:
         """Subkey → (value, the DHT time it was declared at), for entries declared with this ttl_s."""
         self._check_alive()
+        self._count("declarations")
         found = self._wait(self.dht.get(f"p2pdiloco/{self.cfg.run_id}/{key}", latest=True, return_future=True))
         if found is None or not isinstance(found.value, dict):
             return {}

@@ -8,6 +8,7 @@ round (the engine keeps its local fragment) and training goes on.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 import signal
@@ -91,6 +92,8 @@ class Peer:
         try:
             self.worker = Worker(self.net.peer_id[-8:], model, InnerOptimizer(model, cfg.inner, cfg.steps),
                                  cfg.streaming, cfg.outer, self.net.averager())
+            self.applied: list[list] = []  # one entry per mean applied (_record_apply)
+            self.worker.on_apply = self._record_apply
             shard = swarm.shard if swarm.shard >= 0 else 0
             workers = cfg.workers if swarm.shard >= 0 else 1
             stream = None if swarm.shard >= 0 else int.from_bytes(self.net.peer_id.encode()[-8:], "little")
@@ -417,10 +420,27 @@ class Peer:
                 "skipped_rounds": w.skipped_rounds, "group_sizes": dict(self.net.group_sizes),
                 "averaged_with": sorted(self.net.averaged_with),
                 "matchmaking_s": list(self.net.matchmaking_s), "wall_s": wall,
+                "applied": self.applied, "global_fingerprint": self._global_fingerprint(),
+                "dht_calls": dict(self.net.control.calls),
                 "compute_fraction": compute_s / max(wall - eval_s, 1e-9), "wait_s": w.wait_s, "eval_s": eval_s,
                 "device": str(self.device), "batch_size": cfg.batch_size, "micro_batch": hw.micro_batch,
                 "slowdown": hw.slowdown,
                 "eval_curve": [{"wall_s": t, "tokens": n, "eval_loss": v} for t, n, v in curve]}
+
+    def _record_apply(self, f: int, rnd: int, result) -> None:
+        """[fragment, round, group, group size, mean]: the group as a hash of its members' ids, the
+        mean as a hash of its bytes. Every member of a group decodes the same bytes, so members that
+        applied one group's mean must show the same hash (bench swarm checks it across peers)."""
+        group = hashlib.sha256(",".join(result.participants).encode()).hexdigest()[:12]
+        mean = hashlib.sha256(result.mean.detach().contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+        self.applied.append([f, rnd, group, len(result.participants), mean])
+
+    def _global_fingerprint(self) -> str:
+        """A hash of every fragment's global copy: equal on peers that applied the same means."""
+        h = hashlib.sha256()
+        for g in self.worker.global_params:
+            h.update(g.detach().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def _report(self, loss: float) -> None:
         w, status = self.worker, self.net.status
