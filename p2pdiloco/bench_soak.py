@@ -26,7 +26,6 @@ import os
 import re
 import signal
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +64,7 @@ class SoakConfig:
         """The whole run's bound: a generous multiple of the time faults take, plus the restarts."""
         return 3 * self.minutes * 60 + 900
 
-    def validate(self) -> "SoakConfig":
+    def validate(self) -> SoakConfig:
         if self.peers < 3:
             raise ValueError(f"--peers must be at least 3 (faults hit one peer while two go on), got {self.peers}")
         if self.minutes <= 0 or self.every_s <= 0 or self.freeze_s <= 0 or self.sample_s <= 0 or self.stall_s <= 0:
@@ -92,7 +91,7 @@ class Swarm:
         return [*self.args, "--shard", str(i), "--checkpoint-dir", str((self.root / f"peer{i}" / "checkpoints").resolve())]
 
     def start(self) -> None:
-        quiet = lambda line: None  # noqa: E731 -- every peer's log is in its folder
+        quiet = lambda line: None
         self.procs, _ = start_peers(self.cfg.peers, lambda i: [*self.argv(i), "--wait-for-peers", str(self.cfg.peers)],
                                     lambda i: self.root / f"peer{i}" / "run0", quiet)
         now = time.monotonic()

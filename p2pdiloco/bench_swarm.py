@@ -47,7 +47,7 @@ class SwarmBenchConfig:
     join_timeout_s: float = 600.0  # every peer's --join-timeout: N processes start at once on few cores
     workdir: str = "runs/bench-swarm"
 
-    def validate(self) -> "SwarmBenchConfig":
+    def validate(self) -> SwarmBenchConfig:
         if not self.peers or min(self.peers) < 2:
             raise ValueError(f"--peers: each swarm needs at least 2 peers, got {list(self.peers)}")
         if not self.group_sizes or min(self.group_sizes) < 2:
@@ -66,7 +66,7 @@ def run_one(n: int, group_size: int, cfg: SwarmBenchConfig, peer_args: list[str]
     load_before = os.getloadavg()
     sampler = Sampler(cfg.sample_s).start()
     start = time.monotonic()
-    quiet = lambda line: None  # noqa: E731 -- every peer's log is in its folder
+    quiet = lambda line: None
 
     def folder(i: int) -> Path:
         return workdir / f"peer{i}"

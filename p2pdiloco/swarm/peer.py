@@ -25,16 +25,24 @@ from ..data import Corpus, ShardSampler
 from ..hardware import HardwareConfig, resolve_device
 from ..inner import InnerOptimizer
 from ..models import model_vocab
-from ..simulate import SimConfig, _check_vocab, evaluate, write_json
 from ..schedule import ClockSchedule
+from ..simulate import SimConfig, _check_vocab, evaluate, write_json
 from ..streaming import Worker
 from . import checkpoint as ckpts
 from . import joindir
 from .config import SwarmConfig
 from .control import SwarmStartError
+from .matchmaking import poll_share_s
 from .network import Network, start_control
 from .records import config_hash, describe_config, shared_config
-from .runconfig import ConfigMismatch, NoRunPeers, adopt, choose_run, find_run, given_names  # noqa: F401 (ConfigMismatch: re-exported)
+from .runconfig import (
+    ConfigMismatch,
+    NoRunPeers,
+    adopt,
+    choose_run,
+    find_run,
+    given_names,
+)
 from .state import StateError, catch_up, rejoin, restore, snapshot
 
 log = logging.getLogger("p2pdiloco.peer")
@@ -94,7 +102,7 @@ class Peer:
                                  cfg.streaming, cfg.outer, self.net.averager())
             self.applied: list[list] = []  # one entry per mean applied (_record_apply)
             self.worker.on_apply = self._record_apply
-            shard = swarm.shard if swarm.shard >= 0 else 0
+            shard = max(swarm.shard, 0)
             workers = cfg.workers if swarm.shard >= 0 else 1
             stream = None if swarm.shard >= 0 else int.from_bytes(self.net.peer_id.encode()[-8:], "little")
             self.sampler = ShardSampler(self.corpus, shard, workers, cfg.batch_size, stream=stream)
@@ -189,7 +197,7 @@ class Peer:
             if len(same) + 1 >= self.swarm.wait_for_peers and not self._defers_to(same):
                 break
             self._check_deadline(deadline, len(same) + 1, "came")
-            self.stopping.wait(0.2)
+            self.stopping.wait(self._poll_s(len(same)))
         if self.stopping.is_set():
             return
         self.net.status["state"] = "training"
@@ -203,7 +211,15 @@ class Peer:
                     self.net.publish()
                 return
             self._check_deadline(deadline, len(ready) + 1, "were ready")
-            self.stopping.wait(0.1)
+            self.stopping.wait(self._poll_s(len(ready)))
+
+    def _poll_s(self, peers: int) -> float:
+        """How long a joining peer waits between two reads of every record: each read returns every
+        peer's record, so N peers polling at a fixed rate cost the DHT N² records a second. At 32
+        peers on 2 cores, polls every 0.1-0.2 s starved the heartbeats: records expired, nobody
+        ever saw all 32, and --wait-for-peers timed out. A wait that grows with the swarm (up to
+        a heartbeat) keeps the reads to a few dozen a second in all."""
+        return min(max(0.1, self.swarm.heartbeat_s), max(0.1, poll_share_s(peers)))
 
     def _start_clock(self, records) -> bool:
         """Time-budget rounds: adopt the run's end time from any peer that has one, or start the
