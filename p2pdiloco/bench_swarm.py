@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,15 +91,18 @@ def run_one(n: int, group_size: int, cfg: SwarmBenchConfig, peer_args: list[str]
 
 
 def wait_all(procs: list[PeerProcess], deadline: float) -> list[str]:
-    """Wait for every peer until `deadline`; stop whatever is left. Returns the names of those
-    that were still running at the deadline (hung)."""
+    """Wait for every peer until `deadline`; stop whatever is left. A peer that exits with an error
+    ends the run at once: the others (--wait-for-peers N) would wait for it until --join-timeout.
+    Returns the names of the peers still running at the deadline (hung)."""
     hung = []
     try:
-        for p in procs:
-            try:
-                p.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                hung.append(p.name)
+        while time.monotonic() < deadline:
+            codes = [p.proc.poll() for p in procs]
+            if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+                break
+            time.sleep(0.5)
+        else:
+            hung = [p.name for p in procs if p.proc.poll() is None]
     finally:
         for p in procs:
             p.stop()

@@ -35,6 +35,7 @@ log = logging.getLogger("p2pdiloco.control")
 
 POLL_S = 0.25  # how often a waiting call checks that the DHT process is still alive
 SHUTDOWN_S = 4.0  # the DHT's own shutdown; then it is killed, and its p2pd with it
+BOOTSTRAP_ATTEMPTS, BOOTSTRAP_RETRY_S = 3, (2.0, 5.0)  # joining through initial peers that may be busy
 
 
 class SwarmStartError(RuntimeError):
@@ -111,12 +112,22 @@ class ControlPlane:
         if cfg.admission is not None:  # a closed run: only admitted peers' own records are kept
             from .signed_records import AdmissionValidator
             kwargs["record_validators"] = [AdmissionValidator(cfg.admission)]
-        try:
-            self.dht = _watched_dht_class()(initial_peers=list(cfg.initial_peers), start=True, **kwargs)
-        except Exception as exc:  # hivemind raises P2PDaemonError, ValueError or a bare Exception
-            hint = ("check that a peer of the run is alive at that address (`p2pdiloco status`)"
-                    if cfg.initial_peers else f"check that {cfg.host}:{cfg.port} is a free local address")
-            raise SwarmStartError(f"could not start the DHT: {exc}; {hint}") from exc
+        # A busy initial peer may miss the bootstrap ping (hivemind waits `wait_timeout`): when a
+        # swarm of 8 or more starts at once on 2 cores, some newcomers failed so and exited, and
+        # the rest waited for them until --join-timeout. Try again, after a pause, a few times.
+        attempts = BOOTSTRAP_ATTEMPTS if cfg.initial_peers else 1
+        for attempt in range(attempts):
+            try:
+                self.dht = _watched_dht_class()(initial_peers=list(cfg.initial_peers), start=True, **kwargs)
+                break
+            except Exception as exc:  # hivemind raises P2PDaemonError, ValueError or a bare Exception
+                if attempt + 1 < attempts:
+                    log.warning("could not start the DHT (%s); trying again in %.0fs", exc, BOOTSTRAP_RETRY_S[attempt])
+                    time.sleep(BOOTSTRAP_RETRY_S[attempt])
+                    continue
+                hint = ("check that a peer of the run is alive at that address (`p2pdiloco status`)"
+                        if cfg.initial_peers else f"check that {cfg.host}:{cfg.port} is a free local address")
+                raise SwarmStartError(f"could not start the DHT: {exc}; {hint}") from exc
         # Its p2pd, by pid and start time (a pid may be reused): stopped at shutdown if the DHT cannot.
         self._p2pd = [(pid, f[procfs.STARTTIME]) for pid in children(self.dht.pid)
                       if (f := procfs.stat_fields(pid))]
