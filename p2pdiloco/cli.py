@@ -1,5 +1,5 @@
 """The `p2pdiloco` command: simulate, peer, status, local-swarm, plot, keygen, admit, tokenize, train-tokenizer,
-bench quality, bench allreduce, bench attack, bench resume, bench wan.
+bench quality, bench allreduce, bench attack, bench resume, bench wan, bench swarm, bench soak.
 
 Errors in configs or input print one line that says what to fix and exit with status 2;
 Ctrl-C stops with status 130 and keeps what was already written.
@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_wan_parser(bench_sub)
     from .bench_resume import add_parser as add_bench_resume_parser
     add_bench_resume_parser(bench_sub)
+    from .bench_swarm import add_parser as add_bench_swarm_parser
+    add_bench_swarm_parser(bench_sub)
+    from .bench_soak import add_parser as add_bench_soak_parser
+    add_bench_soak_parser(bench_sub)
 
     from .swarm.cli import add_local_swarm_parser, add_peer_parser
     add_peer_parser(sub)
@@ -87,12 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Benchmarks that start peer processes: the options they do not know go to every peer.
+PASS_THROUGH = ("resume", "swarm", "soak")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .swarm.control import SwarmStartError
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "local-swarm" and getattr(args, "bench", None) != "resume":
+    if rest and args.command != "local-swarm" and getattr(args, "bench", None) not in PASS_THROUGH:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -122,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.bench == "resume":  # the options it does not know go to every peer
             from .bench_resume import cli as bench_resume
             return bench_resume(args, rest)
+        if args.bench == "swarm":
+            from .bench_swarm import cli as bench_swarm
+            return bench_swarm(args, rest)
+        if args.bench == "soak":
+            from .bench_soak import cli as bench_soak
+            return bench_soak(args, rest)
         if args.bench == "wan":
             from .wan.cli import cli as bench_wan
             return bench_wan(args)

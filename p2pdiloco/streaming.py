@@ -141,6 +141,9 @@ class Worker:
         self.applied_rounds: dict[int, int] = {}  # fragment -> the last round whose mean was applied
         self.missed: set[int] = set()  # fragments whose last round failed here (a swarm peer catches up)
         self.wait_s = 0.0  # time spent blocked on averages that were late
+        # Called as on_apply(fragment, round, result) once a mean is applied: a swarm peer's record
+        # of which group's mean it applied (bench swarm checks that a group's members agree).
+        self.on_apply = None
         # Held while the global copies change, so another thread (a swarm peer serving its state to
         # a newcomer) can read a consistent copy at any time.
         self.lock = threading.RLock()
@@ -294,6 +297,8 @@ class Worker:
         else:
             merged = sync.alpha * local + (1 - sync.alpha) * self.global_params[f]
         self.views[f].write(merged)
+        if self.on_apply is not None:
+            self.on_apply(f, sync.round, result)
 
     def _mean_here(self, result) -> torch.Tensor:
         """The mean on the training device. The averager decodes it on the host (the swarm checks it

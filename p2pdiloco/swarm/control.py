@@ -18,6 +18,7 @@ Keys (all under `p2pdiloco/<run_id>/`):
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ log = logging.getLogger("p2pdiloco.control")
 
 POLL_S = 0.25  # how often a waiting call checks that the DHT process is still alive
 SHUTDOWN_S = 4.0  # the DHT's own shutdown; then it is killed, and its p2pd with it
+BOOTSTRAP_ATTEMPTS, BOOTSTRAP_RETRY_S = 3, (2.0, 5.0)  # joining through initial peers that may be busy
 
 
 class SwarmStartError(RuntimeError):
@@ -98,28 +100,47 @@ def _watched_dht_class():
 
 
 class ControlPlane:
+    @staticmethod
+    def _start_dht(cfg: ControlConfig, kwargs: dict):
+        dht = _watched_dht_class()(initial_peers=list(cfg.initial_peers), start=False, **kwargs)
+        # Bounded: hivemind waits for its process's "ready" without a limit, and a child that never
+        # gets there (a stuck p2pd, a fork that deadlocked) would hang the peer for good.
+        try:
+            dht.run_in_background(await_ready=True, timeout=cfg.start_timeout_s)
+        except TimeoutError:
+            dht.terminate()
+            raise TimeoutError(f"not ready after {cfg.start_timeout_s:.0f} s") from None
+        return dht
+
     def __init__(self, cfg: ControlConfig):
         self.cfg = cfg
         self._malformed: set[tuple] = set()
+        # DHT calls made, by kind (publish, peers, declare, declarations): what a swarm's size costs
+        # each peer on the control plane (bench swarm). Calls come from several executor threads.
+        self.calls: collections.Counter[str] = collections.Counter()
+        self._calls_lock = threading.Lock()
         kwargs = {"host_maddrs": [f"/ip4/{cfg.host}/tcp/{cfg.port}"], "wait_timeout": cfg.dht_timeout_s}
         if cfg.identity_path:
             kwargs["identity_path"] = cfg.identity_path
         if cfg.admission is not None:  # a closed run: only admitted peers' own records are kept
             from .signed_records import AdmissionValidator
             kwargs["record_validators"] = [AdmissionValidator(cfg.admission)]
-        try:
-            self.dht = _watched_dht_class()(initial_peers=list(cfg.initial_peers), start=False, **kwargs)
-            # Bounded: hivemind waits for its process's "ready" without a limit, and a child that
-            # never gets there (a stuck p2pd, a fork that deadlocked) would hang the peer for good.
+        # A busy initial peer may miss the bootstrap ping (hivemind waits `wait_timeout`): when a
+        # swarm of 8 or more starts at once on 2 cores, some newcomers failed so and exited, and
+        # the rest waited for them until --join-timeout. Try again, after a pause, a few times.
+        attempts = BOOTSTRAP_ATTEMPTS if cfg.initial_peers else 1
+        for attempt in range(attempts):
             try:
-                self.dht.run_in_background(await_ready=True, timeout=cfg.start_timeout_s)
-            except TimeoutError:
-                self.dht.terminate()
-                raise TimeoutError(f"not ready after {cfg.start_timeout_s:.0f} s") from None
-        except Exception as exc:  # hivemind raises P2PDaemonError, ValueError or a bare Exception
-            hint = ("check that a peer of the run is alive at that address (`p2pdiloco status`)"
-                    if cfg.initial_peers else f"check that {cfg.host}:{cfg.port} is a free local address")
-            raise SwarmStartError(f"could not start the DHT: {exc}; {hint}") from exc
+                self.dht = self._start_dht(cfg, kwargs)
+                break
+            except Exception as exc:  # hivemind raises P2PDaemonError, ValueError or a bare Exception
+                if attempt + 1 < attempts:
+                    log.warning("could not start the DHT (%s); trying again in %.0fs", exc, BOOTSTRAP_RETRY_S[attempt])
+                    time.sleep(BOOTSTRAP_RETRY_S[attempt])
+                    continue
+                hint = ("check that a peer of the run is alive at that address (`p2pdiloco status`)"
+                        if cfg.initial_peers else f"check that {cfg.host}:{cfg.port} is a free local address")
+                raise SwarmStartError(f"could not start the DHT: {exc}; {hint}") from exc
         # Its p2pd, by pid and start time (a pid may be reused): stopped at shutdown if the DHT cannot.
         self._p2pd = [(pid, f[procfs.STARTTIME]) for pid in children(self.dht.pid)
                       if (f := procfs.stat_fields(pid))]
@@ -173,14 +194,20 @@ class ControlPlane:
         self._check_alive()
         return await P2P.replicate(self._wait(self.dht.run_coroutine(_node_daemon_maddr, return_future=True)))
 
+    def _count(self, kind: str) -> None:
+        with self._calls_lock:
+            self.calls[kind] += 1
+
     def publish(self, record: PeerRecord, ttl_s: float, timeout_s: float | None = None) -> bool:
         self._check_alive()
+        self._count("publish")
         return bool(self._wait(self.dht.store(peers_key(self.cfg.run_id), record.to_dict(), dht_time() + ttl_s,
                                               subkey=record.peer_id, return_future=True), timeout_s))
 
     def peers(self) -> list[PeerRecord]:
         """Live peers of the run (state joining or training), malformed records skipped and logged."""
         self._check_alive()
+        self._count("peers")
         found = self._wait(self.dht.get(peers_key(self.cfg.run_id), latest=True, return_future=True))
         out, closed = [], 0
         if found is None or not isinstance(found.value, dict):
@@ -215,6 +242,7 @@ class ControlPlane:
         right before the store, not when the call was queued."""
         full = f"p2pdiloco/{self.cfg.run_id}/{key}"
         self._check_alive()
+        self._count("declare")
         at = dht_time()
         if not self._wait(self.dht.store(full, value, at + ttl_s, subkey=self.peer_id, return_future=True)):
             log.debug("the DHT did not take the declaration %s", key)
@@ -226,6 +254,7 @@ class ControlPlane:
     def declarations(self, key: str, ttl_s: float) -> dict[str, tuple[str, float]]:
         """Subkey → (value, the DHT time it was declared at), for entries declared with this ttl_s."""
         self._check_alive()
+        self._count("declarations")
         found = self._wait(self.dht.get(f"p2pdiloco/{self.cfg.run_id}/{key}", latest=True, return_future=True))
         if found is None or not isinstance(found.value, dict):
             return {}

@@ -31,6 +31,7 @@ class PeerProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         self.name, self.lines, self.echo, self.workdir = name, [], echo, workdir
+        self.times: list[float] = []  # time.monotonic() when each of `lines` was read
         spawn = spawn or (lambda cmd, **kw: subprocess.Popen(cmd, start_new_session=True, **kw))
         self.proc = spawn([sys.executable, "-m", "p2pdiloco.cli", "peer", *argv], cwd=workdir, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -42,6 +43,7 @@ class PeerProcess:
             for line in self.proc.stdout:
                 log.write(line)
                 line = line.rstrip()
+                self.times.append(time.monotonic())
                 self.lines.append(line)
                 if line.startswith("[peer]") or "WARN" in line or "error" in line.lower() or "Traceback" in line:
                     self.echo(f"{self.name}: {line}")
@@ -57,6 +59,17 @@ class PeerProcess:
                 break
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} printed no join line within {timeout:.0f}s (see {self.workdir / 'peer.log'})")
+
+    def when(self, pattern: str | re.Pattern, last: bool = False) -> float | None:
+        """time.monotonic() at which the first (or last) line matching `pattern` was read; None if none has."""
+        rx = re.compile(pattern)
+        found = None
+        for t, line in zip(list(self.times), list(self.lines)):
+            if rx.search(line):
+                if not last:
+                    return t
+                found = t
+        return found
 
     def summary(self) -> dict | None:
         """The peer's `--json summary.json`, once it has exited 0."""

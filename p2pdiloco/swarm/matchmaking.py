@@ -100,6 +100,15 @@ def on_time(declarations: dict[str, tuple[str, float]], window_s: float,
     return {p: address for p, (address, at) in declarations.items() if at <= closes}, closes
 
 
+# The DHT reads a second that the peers of one round make together, at most, once they have
+# backed off: each waits peers / POLL_READS_PER_S seconds between reads (capped at 1 s).
+POLL_READS_PER_S = 40.0
+
+
+def poll_share_s(peers: int) -> float:
+    return min(1.0, peers / POLL_READS_PER_S)
+
+
 async def form_group(control, key: SyncKey, me: Member, expected, group_size: int, window_s: float,
                      poll_s: float = 0.05, ttl_s: float = 120.0, clock=None, excluded=frozenset) -> Group:
     """Declare myself for `key` and return my group once every expected peer has declared in the
@@ -115,6 +124,7 @@ async def form_group(control, key: SyncKey, me: Member, expected, group_size: in
     mine = await loop.run_in_executor(None, control.declare, rkey, me.address, ttl_s)
     want = set(await loop.run_in_executor(None, expected)) | {me.peer_id}
     looked = time.monotonic()
+    wait = poll_s
     while True:
         declarations = await loop.run_in_executor(None, control.declarations, rkey, ttl_s)
         declarations[me.peer_id] = (me.address, mine)  # my own store may not be readable yet
@@ -126,7 +136,11 @@ async def form_group(control, key: SyncKey, me: Member, expected, group_size: in
                                f"window closed ({window_s:.0f}s after the first peer); the others average without me")
         if want <= set(timely) or clock() >= closes + SETTLE_S:
             return make_group(key, timely, me.peer_id, group_size, time.monotonic() - start)
-        await asyncio.sleep(poll_s)
+        # Every peer of the round polls the DHT: back off to a wait that grows with the swarm, so
+        # the round's peers make about POLL_READS_PER_S reads a second in all, not 20 each (at 32
+        # peers on 2 cores, 20 reads a second each starved the DHT and the heartbeats with it).
+        await asyncio.sleep(wait)
+        wait = min(2 * wait, max(poll_s, poll_share_s(len(want))))
         if time.monotonic() - looked > 1.0:  # peers that died since we looked stop being expected
             want = set(await loop.run_in_executor(None, expected)) | {me.peer_id}  # (a read of every record:
             looked = time.monotonic()                                               # once a second, not per poll)

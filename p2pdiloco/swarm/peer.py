@@ -8,6 +8,7 @@ round (the engine keeps its local fragment) and training goes on.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 import signal
@@ -24,17 +25,25 @@ from ..data import Corpus, ShardSampler
 from ..hardware import HardwareConfig, resolve_device
 from ..inner import InnerOptimizer
 from ..models import model_vocab
-from ..simulate import SimConfig, _check_vocab, evaluate, write_json
 from ..schedule import ClockSchedule
+from ..simulate import SimConfig, _check_vocab, evaluate, write_json
 from ..streaming import Worker
 from . import checkpoint as ckpts
 from . import joindir
 from .config import SwarmConfig
 from .control import SwarmStartError
+from .matchmaking import poll_share_s
 from .metrics import Metrics
 from .network import Network, start_control
 from .records import config_hash, describe_config, shared_config
-from .runconfig import ConfigMismatch, NoRunPeers, adopt, choose_run, find_run, given_names  # noqa: F401 (ConfigMismatch: re-exported)
+from .runconfig import (
+    ConfigMismatch,
+    NoRunPeers,
+    adopt,
+    choose_run,
+    find_run,
+    given_names,
+)
 from .state import StateError, catch_up, rejoin, restore, snapshot
 
 log = logging.getLogger("p2pdiloco.peer")
@@ -93,7 +102,9 @@ class Peer:
         try:
             self.worker = Worker(self.net.peer_id[-8:], model, InnerOptimizer(model, cfg.inner, cfg.steps),
                                  cfg.streaming, cfg.outer, self.net.averager(self.device))
-            shard = swarm.shard if swarm.shard >= 0 else 0
+            self.applied: list[list] = []  # one entry per mean applied (_record_apply)
+            self.worker.on_apply = self._record_apply
+            shard = max(swarm.shard, 0)
             workers = cfg.workers if swarm.shard >= 0 else 1
             stream = None if swarm.shard >= 0 else int.from_bytes(self.net.peer_id.encode()[-8:], "little")
             self.sampler = ShardSampler(self.corpus, shard, workers, cfg.batch_size, stream=stream)
@@ -192,7 +203,7 @@ class Peer:
             if len(same) + 1 >= self.swarm.wait_for_peers and not self._defers_to(same):
                 break
             self._check_deadline(deadline, len(same) + 1, "came")
-            self.stopping.wait(0.2)
+            self.stopping.wait(self._poll_s(len(same)))
         if self.stopping.is_set():
             return
         self.net.status["state"] = "training"
@@ -206,7 +217,15 @@ class Peer:
                     self.net.publish()
                 return
             self._check_deadline(deadline, len(ready) + 1, "were ready")
-            self.stopping.wait(0.1)
+            self.stopping.wait(self._poll_s(len(ready)))
+
+    def _poll_s(self, peers: int) -> float:
+        """How long a joining peer waits between two reads of every record: each read returns every
+        peer's record, so N peers polling at a fixed rate cost the DHT N² records a second. At 32
+        peers on 2 cores, polls every 0.1-0.2 s starved the heartbeats: records expired, nobody
+        ever saw all 32, and --wait-for-peers timed out. A wait that grows with the swarm (up to
+        a heartbeat) keeps the reads to a few dozen a second in all."""
+        return min(max(0.1, self.swarm.heartbeat_s), max(0.1, poll_share_s(peers)))
 
     def _start_clock(self, records) -> bool:
         """Time-budget rounds: adopt the run's end time from any peer that has one, or start the
@@ -430,10 +449,27 @@ class Peer:
                 "skipped_rounds": w.skipped_rounds, "group_sizes": dict(self.net.group_sizes),
                 "averaged_with": sorted(self.net.averaged_with),
                 "matchmaking_s": list(self.net.matchmaking_s), "wall_s": wall,
+                "applied": self.applied, "global_fingerprint": self._global_fingerprint(),
+                "dht_calls": dict(self.net.control.calls),
                 "compute_fraction": compute_s / max(wall - eval_s, 1e-9), "wait_s": w.wait_s, "eval_s": eval_s,
                 "device": str(self.device), "batch_size": cfg.batch_size, "micro_batch": hw.micro_batch,
                 "slowdown": hw.slowdown,
                 "eval_curve": [{"wall_s": t, "tokens": n, "eval_loss": v} for t, n, v in curve]}
+
+    def _record_apply(self, f: int, rnd: int, result) -> None:
+        """[fragment, round, group, group size, mean]: the group as a hash of its members' ids, the
+        mean as a hash of its bytes. Every member of a group decodes the same bytes, so members that
+        applied one group's mean must show the same hash (bench swarm checks it across peers)."""
+        group = hashlib.sha256(",".join(result.participants).encode()).hexdigest()[:12]
+        mean = hashlib.sha256(result.mean.detach().contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+        self.applied.append([f, rnd, group, len(result.participants), mean])
+
+    def _global_fingerprint(self) -> str:
+        """A hash of every fragment's global copy: equal on peers that applied the same means."""
+        h = hashlib.sha256()
+        for g in self.worker.global_params:
+            h.update(g.detach().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def _report(self, loss: float) -> None:
         w, status = self.worker, self.net.status
