@@ -94,6 +94,11 @@ class Averager(ABC):
     def submit(self, key: SyncKey, encoded: Encoded, weight: float) -> "Future[AverageResult]":
         """Hand in my encoded vector; the future resolves to the group's weighted mean."""
 
+    def ahead(self, key: SyncKey, steps: int, step_s: float, ceiling: int) -> None:
+        """`key` comes due in `steps` inner steps of about `step_s` seconds (asked for every round
+        within `ceiling` steps, every step). An averager that needs time to form a group (a swarm)
+        may start now; one that does not (the simulator) ignores it."""
+
 
 @dataclass
 class _Pending:
