@@ -257,6 +257,7 @@ class Worker:
             if due.get(f) == last:  # sent at this step already: only its landing changes, no more training follows
                 if f in self.in_flight:
                     self.in_flight[f].alpha = 0.0
+                    self.in_flight[f].final = True  # it lands in the final sync's wait, as the others do
             else:
                 self._send(f, last, final=True)
 
