@@ -90,6 +90,10 @@ def reduce_parts(parts: list[tuple[Encoded | torch.Tensor, float]], cfg: Aggrega
 
 
 class Averager(ABC):
+    # The longest τ steps may last (overlap.choose_tau): how far a worker may run ahead of the
+    # others. None in the simulator (its workers move in lock-step); a swarm's matchmaking window.
+    overlap_limit_s: float = float("inf")
+
     @abstractmethod
     def submit(self, key: SyncKey, encoded: Encoded, weight: float) -> "Future[AverageResult]":
         """Hand in my encoded vector; the future resolves to the group's weighted mean."""

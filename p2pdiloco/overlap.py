@@ -73,9 +73,19 @@ def steps_for(latencies_s: list[float], step_s: float, ceiling: int, policy: Ove
 
 
 def choose_tau(latencies_s: list[float], step_s: float, H: int, syncs: int,
-               policy: OverlapPolicy = OverlapPolicy()) -> int:
-    """τ for the next send (see the module's docstring)."""
-    return steps_for(latencies_s, step_s, tau_max(H, syncs), policy, floor=1)
+               policy: OverlapPolicy = OverlapPolicy(), limit_s: float = math.inf) -> int:
+    """τ for the next send (see the module's docstring), its steps lasting at most `limit_s`.
+
+    `limit_s` is the averager's bound on how far a peer may run ahead of the others (a swarm's:
+    half its matchmaking window). τ is also the slack between peers: a peer blocks on a round's
+    mean only once the slowest member has sent its Δ, so with fixed-H rounds a fast peer runs
+    up to τ steps ahead of a slow one, and a slow peer more than a window behind declares its
+    next round after the window closed, sits it out, blocks on nothing, and falls further behind.
+    """
+    ceiling = tau_max(H, syncs)
+    if step_s > 0 and math.isfinite(limit_s):
+        ceiling = max(1, min(ceiling, int(limit_s / step_s)))
+    return steps_for(latencies_s, step_s, ceiling, policy, floor=1)
 
 
 def declare_ahead_steps(matchmaking_s: list[float], step_s: float, H: int, syncs: int,

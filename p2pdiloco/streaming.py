@@ -278,7 +278,8 @@ class Worker:
         encoded, residual_before = self._encode_delta(f, delta)
         weight = float(self.tokens_since[f])
         if self.cfg.tau_auto and not final:
-            self.tau = choose_tau(self.latencies, self.step_clock.step_s, self.cfg.H, len(self.fragments), self.overlap)
+            self.tau = choose_tau(self.latencies, self.step_clock.step_s, self.cfg.H, len(self.fragments), self.overlap,
+                                  self.averager.overlap_limit_s)
         sent_at, landed_at = time.perf_counter(), []
         future = self.averager.submit(SyncKey("fragment", f, rnd), encoded, weight)
         future.add_done_callback(lambda _: landed_at.append(time.perf_counter()))

@@ -26,6 +26,7 @@ def test_tau_stays_within_the_engines_bound_and_covers_the_latency_when_it_can(l
     assert 1 <= tau <= top and tau * syncs < H  # the engine's invariant: one sync in flight at a time
     if not lats:
         assert tau == top  # nothing measured: the safe side
+        assert choose_tau(lats, step_s, H, syncs, policy, limit_s=3 * step_s) == min(top, 3)
         return
     q = quantile(lats[-policy.window:], policy.quantile)
     if tau < top:  # not capped: τ steps cover the quantile with the margin, and τ − 1 would not
@@ -51,6 +52,9 @@ def test_the_policy_in_figures():
     assert quantile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0.9) == 9 and quantile([3.0], 0.9) == 3.0
     assert declare_ahead_steps([0.5, 0.6], 0.2, 30, 3) == math.ceil(1.5 * 0.6 / 0.2)
     assert tau_max(30, 3) == 9 and tau_max(3, 3) == 0
+    # A peer may not run further ahead than the averager allows: 2.5 s at 0.5 s a step is 5 steps.
+    assert choose_tau([5.0] * 5, 0.5, 30, 3, limit_s=2.5) == 5
+    assert choose_tau([], 0.5, 30, 3, limit_s=2.5) == 5 and choose_tau([], 5.0, 30, 3, limit_s=2.5) == 1
 
 
 def test_policy_and_options_are_checked_with_the_field_named():

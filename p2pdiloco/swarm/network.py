@@ -246,8 +246,9 @@ class Network:
         """Begin `key`'s matchmaking now if it comes due within the steps that the recent rounds'
         matchmaking took (overlap.declare_ahead_steps's rule, from this peer's own measurements),
         so only the transfer is left when the Δ is sent. Declaring commits this peer to the round
-        a little earlier; it never declares more than half the matchmaking window ahead, so peers
-        that size their lead differently still declare within one window of each other."""
+        a little earlier; it never declares more than a quarter of the matchmaking window ahead
+        (τ takes half: overlap.choose_tau), so peers that size their lead differently still
+        declare within one window of each other."""
         c = self.cfg
         if c.declare_ahead == 0 or key in self._prepared or step_s <= 0:
             return
@@ -255,7 +256,7 @@ class Network:
             lead = min(c.declare_ahead, ceiling)
         else:
             lead = steps_for(self._lead_samples, step_s, ceiling, self._overlap, floor=1)
-        lead = min(lead, max(1, int(c.matchmaking_s / 2 / step_s)))
+        lead = min(lead, max(1, int(c.matchmaking_s / 4 / step_s)))
         if steps > lead:
             return
         self._prepared[key] = self.loop.submit(asyncio.wait_for(self._form(key), c.matchmaking_s + 30))
@@ -396,6 +397,9 @@ def excluded(records: list[PeerRecord], me: str) -> set[str]:
 class SwarmAverager(Averager):
     def __init__(self, net: Network):
         self.net = net
+        # τ steps within half the matchmaking window: a peer never runs so far ahead that the
+        # slowest one declares after the window closed (overlap.choose_tau).
+        self.overlap_limit_s = net.cfg.matchmaking_s / 2
 
     def submit(self, key: SyncKey, encoded: Encoded, weight: float) -> "Future[AverageResult]":
         c = self.net.cfg
