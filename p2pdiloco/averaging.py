@@ -93,9 +93,18 @@ def reduce_parts(parts: list[tuple[Encoded | torch.Tensor, float]], cfg: Aggrega
 
 
 class Averager(ABC):
+    # The longest τ steps may last (overlap.choose_tau): how far a worker may run ahead of the
+    # others. None in the simulator (its workers move in lock-step); a swarm's matchmaking window.
+    overlap_limit_s: float = float("inf")
+
     @abstractmethod
     def submit(self, key: SyncKey, encoded: Encoded, weight: float) -> "Future[AverageResult]":
         """Hand in my encoded vector; the future resolves to the group's weighted mean."""
+
+    def ahead(self, key: SyncKey, steps: int, step_s: float, ceiling: int) -> None:
+        """`key` comes due in `steps` inner steps of about `step_s` seconds (asked for every round
+        within `ceiling` steps, every step). An averager that needs time to form a group (a swarm)
+        may start now; one that does not (the simulator) ignores it."""
 
 
 @dataclass

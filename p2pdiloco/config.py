@@ -33,6 +33,16 @@ from .streaming import StreamingConfig
 SECTIONS = {"data": DataConfig, "inner": InnerConfig, "outer": OuterConfig, "streaming": StreamingConfig,
             "aggregate": AggregateConfig}
 
+def _tau(value: str) -> int | str:
+    """--tau: a number of steps, or 'auto' (streaming.tau_auto)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is neither a number of steps nor 'auto'") from None
+
+
 # (flag, section or None for top level, field, argparse keywords)
 OPTIONS: list[tuple[str, str | None, str, dict]] = [
     ("--model", None, "model", {"help": "a built-in size (tiny, micro, mini, small, base, large, 1b), a built-in "
@@ -54,7 +64,9 @@ OPTIONS: list[tuple[str, str | None, str, dict]] = [
     ("--H", "streaming", "H", {"type": int, "help": "inner steps between syncs of a fragment"}),
     ("--fragments", "streaming", "fragments", {"type": int, "help": "P, fragments of the model's blocks"}),
     ("--strategy", "streaming", "strategy", {"choices": ["strided", "sequential"]}),
-    ("--tau", "streaming", "tau", {"type": int, "help": "overlap: steps between sending Δ and applying its mean"}),
+    ("--tau", "streaming", "tau", {"type": _tau, "metavar": "STEPS|auto",
+                                   "help": "overlap: steps between sending Δ and applying its mean; auto (peers): "
+                                           "sized to the measured round latency and step time (overlap.py)"}),
     ("--alpha", "streaming", "alpha", {"type": float, "help": "merge weight of the local replica"}),
     ("--eager", "streaming", "eager", {"action": "store_const", "const": True, "help": "eager updates"}),
     ("--codec", "streaming", "codec", {"choices": list(CODECS),
@@ -108,6 +120,8 @@ def options_to_mapping(args: argparse.Namespace) -> dict:
     for flag, section, field, _ in OPTIONS:
         value = getattr(args, f"opt_{flag[2:].replace('-', '_')}")
         if value is not None:
+            if flag == "--tau" and value == "auto":  # --tau auto is the field tau_auto
+                field, value = "tau_auto", True
             (out.setdefault(section, {}) if section else out)[field] = value
     return out
 

@@ -34,9 +34,10 @@ class StepSchedule:
         if step <= self._asked:
             return []
         self._asked = step
-        return self._due_at(step)
+        return self.due_at(step)
 
-    def _due_at(self, step: int) -> list[tuple[int, int]]:
+    def due_at(self, step: int) -> list[tuple[int, int]]:
+        """(fragment, round) of the syncs due right after inner step `step` (asked any number of times)."""
         return [(f, sync_round(step, self.offsets[f], self.H)) for f in due_fragments(step, self.offsets, self.H)]
 
     def next_round(self, f: int, step: int) -> int:
@@ -45,7 +46,7 @@ class StepSchedule:
     def final_round(self, f: int, step: int) -> int:
         """The round of fragment f's last sync when training ends after `step`: the one it begins
         at that very step if it is due, else the next."""
-        return dict(self._due_at(step)).get(f, self.next_round(f, step))
+        return dict(self.due_at(step)).get(f, self.next_round(f, step))
 
     def due_next(self, step: int) -> set[int]:
         return set(due_fragments(step + 1, self.offsets, self.H))

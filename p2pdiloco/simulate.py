@@ -96,6 +96,9 @@ class Simulation:
         if cfg.streaming.round_s:
             raise ValueError("streaming.round_s (time-budget rounds) runs on real peers (`p2pdiloco peer`); "
                              "the simulator steps its workers in lock-step")
+        if cfg.streaming.tau_auto:
+            raise ValueError("streaming.tau_auto (--tau auto) sizes τ to a real link's round latency (peers only); "
+                             "the simulator has no link: give the τ a peer chose (its summary's `taus`) as --tau N")
         self.corpus = corpus or Corpus.load(cfg.data)
         self.base = cfg.build_model()
         _check_vocab(self.corpus, model_vocab(self.base))

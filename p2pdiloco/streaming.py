@@ -37,6 +37,7 @@ from .codecs import get_codec
 from .fragments import FlatView, build_fragments, find_blocks, sync_offsets
 from .inner import InnerOptimizer
 from .outer import OuterConfig, OuterSGD
+from .overlap import OverlapPolicy, StepClock, choose_tau, tau_max
 from .schedule import StepSchedule
 
 log = logging.getLogger("p2pdiloco.streaming")
@@ -49,6 +50,9 @@ class StreamingConfig:
     fragments: int = 4  # P: fragments of the model's repeated blocks
     strategy: str = "strided"
     tau: int = 1  # steps between sending Δ_f and applying its mean
+    # τ chosen for each send from the measured round latency and step time (overlap.py; `--tau auto`,
+    # real peers only): `tau` is then unused, and τ stays within the bound τ·F < H.
+    tau_auto: bool = False
     alpha: float = 0.5  # weight of the local replica when merging
     eager: bool = False
     codec: str = "e3m0"
@@ -70,13 +74,16 @@ class StreamingConfig:
             raise ValueError(f"streaming.fragments ({self.fragments}) must be between 1 and the model's "
                              f"{n_blocks} blocks; use fewer fragments or a deeper model")
         syncs = self.fragments + (self.fragments > 1)  # the `shared` fragment (fragments.py)
-        if self.tau < 0 or (self.tau > 0 and self.tau * syncs >= self.H):
+        if not self.tau_auto and (self.tau < 0 or (self.tau > 0 and self.tau * syncs >= self.H)):
             raise ValueError(f"streaming.tau ({self.tau}) must be ≥ 0 and below H / fragment syncs = "
                              f"{self.H} / {syncs}, so that a fragment's mean lands before the next "
                              f"fragment sends; lower tau or raise H")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"streaming.alpha must be in [0, 1], got {self.alpha}")
-        if self.eager and self.tau == 0:
+        if self.tau_auto and (self.mode != "streaming" or tau_max(self.H, syncs) < 1):
+            raise ValueError(f"streaming.tau_auto needs mode 'streaming' and room for τ ≥ 1 (τ·F < H): H = {self.H} "
+                             f"with {syncs} fragment syncs leaves none; raise H")
+        if self.eager and self.tau == 0 and not self.tau_auto:
             raise ValueError("streaming.eager needs streaming.tau ≥ 1: with no delay there is nothing to be eager about")
         if self.dp_warmup_steps < 0 or self.timeout_s <= 0:
             raise ValueError("streaming.dp_warmup_steps must be ≥ 0 and streaming.timeout_s positive")
@@ -103,6 +110,11 @@ class _InFlight:
     proxy: torch.Tensor | None  # θ̂ for eager updates
     residual_before: torch.Tensor | None  # error-feedback residual to restore if the round fails
     alpha: float  # merge weight of the local replica when this mean lands
+    tau: int = 0  # the τ it was sent with
+    final: bool = False
+    sent_at: float = 0.0  # perf_counter at submit
+    landed_at: list = None  # [perf_counter] once the future is done (set on the averager's thread)
+    step_s: float = 0.0  # the step time measured when it was sent (what τ was sized with)
 
 
 class Worker:
@@ -144,6 +156,16 @@ class Worker:
         # Called as on_apply(fragment, round, result) once a mean is applied: a swarm peer's record
         # of which group's mean it applied (bench swarm checks that a group's members agree).
         self.on_apply = None
+        # Overlap sized to the link (overlap.py): the τ of the next send, the compute time of a step,
+        # the latency (submit to mean) of each round that landed, and one entry per settled round
+        # (the peer's summary: per-round latency, wait and τ).
+        # --tau auto starts at τ_max: nothing is measured yet, and the first rounds pay cold connections.
+        self.tau = tau_max(cfg.H, len(self.fragments)) if cfg.tau_auto else cfg.tau
+        self.overlap = OverlapPolicy()
+        self.step_clock = StepClock()
+        self._last_step: tuple[float, float] | None = None  # (perf_counter, wait_s) at the last step's end
+        self.latencies: list[float] = []
+        self.round_log: list[dict] = []
         # Held while the global copies change, so another thread (a swarm peer serving its state to
         # a newcomer) can read a consistent copy at any time.
         self.lock = threading.RLock()
@@ -192,6 +214,10 @@ class Worker:
                 offset += p.numel()
         self.inner.step(self.schedule.lr_step(self.step))
         self.step += 1
+        now = time.perf_counter()
+        if self._last_step is not None:  # compute only: what the loop waited on averages is not a step's cost
+            self.step_clock.add(now - self._last_step[0] - (self.wait_s - self._last_step[1]))
+        self._last_step = (now, self.wait_s)
         if self.step == self.cfg.dp_warmup_steps and self.cfg.mode == "streaming":
             # Switch to streaming: every replica is identical here, so this is the shared start.
             self.global_params = [v.read() for v in self.views]
@@ -206,6 +232,22 @@ class Worker:
         self._due_now = (self.step, {**earlier, **dict(due)})
         for f, rnd in due:
             self._send(f, rnd, final=False)
+        self._announce_upcoming()
+
+    def _announce_upcoming(self) -> None:
+        """Tell the averager which rounds come due within τ_max steps, and how far ahead each is,
+        so a swarm can form their groups before the Δ is ready (network.py `ahead`; the simulator
+        ignores it). Step-scheduled rounds only: a wall-clock round's step is not known ahead."""
+        ceiling = tau_max(self.cfg.H, len(self.fragments))
+        due_at = getattr(self.schedule, "due_at", None)
+        if due_at is None or ceiling < 1:
+            return
+        for ahead in range(1, ceiling + 1):
+            step = self.step + ahead
+            if step > self.schedule.total_steps or step <= self.cfg.dp_warmup_steps:
+                continue
+            for f, rnd in due_at(step):
+                self.averager.ahead(SyncKey("fragment", f, rnd), ahead, self.step_clock.step_s, ceiling)
 
     def send_final(self) -> None:
         """End of training: every fragment not synced at this very step syncs once more, so the
@@ -222,6 +264,7 @@ class Worker:
             if due.get(f) == last:  # sent at this step already: only its landing changes, no more training follows
                 if f in self.in_flight:
                     self.in_flight[f].alpha = 0.0
+                    self.in_flight[f].final = True  # it lands in the final sync's wait, as the others do
             else:
                 self._send(f, last, final=True)
 
@@ -241,14 +284,21 @@ class Worker:
             return
         encoded, residual_before = self._encode_delta(f, delta)
         weight = float(self.tokens_since[f])
+        if self.cfg.tau_auto and not final:
+            self.tau = choose_tau(self.latencies, self.step_clock.step_s, self.cfg.H, len(self.fragments), self.overlap,
+                                  self.averager.overlap_limit_s)
+        sent_at, landed_at = time.perf_counter(), []
         # The one copy to the host of a sync: the encoded bytes (a no-op on the CPU).
         future = self.averager.submit(SyncKey("fragment", f, rnd), encoded.to("cpu"), weight)
+        future.add_done_callback(lambda _: landed_at.append(time.perf_counter()))
         proxy = None
         if self.cfg.eager and not final:
             proxy = self.outer[f].preview(self.global_params[f], delta)
             self.views[f].write(proxy)
-        self.in_flight[f] = _InFlight(rnd, future, self.step + (0 if final else self.cfg.tau), weight,
-                                      proxy, residual_before, 0.0 if final else self.cfg.alpha)
+        tau = 0 if final else self.tau
+        self.in_flight[f] = _InFlight(rnd, future, self.step + tau, weight, proxy, residual_before,
+                                      0.0 if final else self.cfg.alpha, tau, final, sent_at, landed_at,
+                                      self.step_clock.step_s)
         self.tokens_since[f] = 0
 
     def _encode_delta(self, f: int, delta: torch.Tensor):
@@ -274,9 +324,11 @@ class Worker:
             self._finish(f, self.in_flight.pop(f))
 
     def _finish(self, f: int, sync: _InFlight) -> None:
+        waited0 = self.wait_s
         try:
             result = self._await(sync.future)
         except Exception as exc:  # a late or failed average: keep the local fragment, catch up next turn
+            self._log_round(f, sync, self.wait_s - waited0, ok=False)
             self.skipped_rounds += 1
             self.missed.add(f)
             self.tokens_since[f] += int(sync.weight)
@@ -288,6 +340,7 @@ class Worker:
         self._count_bytes(result.bytes_sent, f)
         self.rounds_applied += 1
         mean = self._mean_here(result)
+        self._log_round(f, sync, self.wait_s - waited0, ok=True)
         with self.lock:
             self.applied_rounds[f] = sync.round
             self.outer[f].step(self.global_params[f], mean)
@@ -314,6 +367,15 @@ class Worker:
             lo += span.numel
         assert lo == mean.numel(), "the spans' means must cover the vector"
         return mean
+
+    def _log_round(self, f: int, sync: _InFlight, waited_s: float, ok: bool) -> None:
+        latency = (sync.landed_at[0] - sync.sent_at) if sync.landed_at else None
+        if ok and latency is not None and not sync.final:  # the final sync is not a sample of the link under training
+            self.latencies.append(latency)
+            del self.latencies[:-64]
+        self.round_log.append({"fragment": f, "round": sync.round, "tau": sync.tau, "final": sync.final, "ok": ok,
+                               "latency_s": None if latency is None else round(latency, 4),
+                               "wait_s": round(waited_s, 4), "step_s": round(sync.step_s, 4)})
 
     def _await(self, future: Future):
         start = time.perf_counter()

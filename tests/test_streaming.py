@@ -198,6 +198,9 @@ class _Recorder:
         self.sent.append(encoded.decode())
         return self.inner.submit(key, encoded, weight)
 
+    def ahead(self, key, steps, step_s, ceiling):
+        self.inner.ahead(key, steps, step_s, ceiling)
+
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(H=10, fragments=2, tau=4), "streaming.tau"),

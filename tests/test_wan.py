@@ -15,6 +15,7 @@ import torch
 
 from p2pdiloco import procfs
 from p2pdiloco.wan import host
+from p2pdiloco.wan.bench_wan import round_timings
 from p2pdiloco.wan.links import BedConfig, LinkSpec, parse_delay_ms
 from p2pdiloco.wan.netns import NetnsBed
 from p2pdiloco.wan.peers import link_check, start_peers, wait_peers
@@ -61,6 +62,14 @@ def test_three_peers_in_namespaces_train_over_a_shaped_link_and_end_with_one_glo
         assert s["eval_loss"] < s["eval_loss_initial"] - 0.5
         assert 0 < s["bytes_sent"] < s["data_parallel_bytes"] / 5
     assert len({s["eval_loss"] for s in summaries}) == 1, [s["eval_loss"] for s in summaries]  # one global model
+    # bench wan's per-round timing columns, from these summaries: every round measured, over a real link.
+    rounds = round_timings(summaries)["per_round"]
+    assert rounds["rounds"] == sum(len([r for r in s["round_log"] if not r["final"]]) for s in summaries) > 0
+    assert rounds["failed"] == 0
+    for name in ("matchmaking_s", "matchmaking_left_s", "transfer_s", "latency_s", "wait_s", "step_s"):
+        assert rounds[name] is not None and rounds[name] >= 0, (name, rounds)
+    assert rounds["transfer_s"] > 0.02 and rounds["latency_s"] > 0.02  # two 10 ms one-way trips at least
+    assert rounds["prepared"] > 0, rounds  # later rounds' groups were formed before they came due
     models = [torch.load(next((p.workdir / "checkpoints").rglob("*.pt")), weights_only=False)["model"] for p in peers]
     for m in models[1:]:
         for name in m:

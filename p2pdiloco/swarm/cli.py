@@ -39,6 +39,9 @@ SWARM_OPTIONS: list[tuple[str, str, dict]] = [
                                   "auto (default): gRPC if a live peer can dial it, else libp2p"}),
     ("--group-size", "group_size", {"type": int}),
     ("--matchmaking-timeout", "matchmaking_s", {"type": float, "help": "a round's window, in seconds from its first declaration (default 5)"}),
+    ("--declare-ahead", "declare_ahead", {"type": int, "metavar": "STEPS", "help": "start a round's matchmaking this "
+                                          "many steps before it is due (default -1: sized from the measured "
+                                          "matchmaking and step time; 0: when due)"}),
     ("--reduce-timeout", "reduce_timeout_s", {"type": float, "help": "seconds to wait for parts and answers"}),
     ("--heartbeat", "heartbeat_s", {"type": float}),
     ("--record-ttl", "record_ttl_s", {"type": float}),

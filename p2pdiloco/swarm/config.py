@@ -34,6 +34,9 @@ class SwarmConfig:
     transport: str = "auto"
     group_size: int = 16  # peers per averaging group; larger swarms regroup at random every round
     matchmaking_s: float = 5.0  # the longest a peer waits for the other live peers to declare a round
+    # Start a round's matchmaking this many steps before it is due (network.py `ahead`), so its DHT
+    # round trips overlap training: -1 sized from this peer's measured matchmaking and step time, 0 never.
+    declare_ahead: int = -1
     reduce_timeout_s: float = 15.0  # the longest an owner waits for parts, and a member for an answer
     heartbeat_s: float = 1.0  # how often a peer refreshes its DHT record
     record_ttl_s: float = 5.0  # a record not refreshed for this long expires: the peer is gone
@@ -102,6 +105,8 @@ class SwarmConfig:
         if self.resume and self.resume != "auto" and not Path(self.resume).is_file():
             raise ValueError(f"swarm.resume: '{self.resume}' is not a file; give a checkpoint "
                              f"(<checkpoint-dir>/<run id>/<peer id>.pt) or 'auto'")
+        if self.declare_ahead < -1:
+            raise ValueError(f"swarm.declare_ahead must be -1 (auto), 0 (off) or a number of steps, got {self.declare_ahead}")
         if self.group_size < 2 or self.wait_for_peers < 1 or self.max_message_mb < 1:
             raise ValueError("swarm.group_size must be ≥ 2, swarm.wait_for_peers ≥ 1 and swarm.max_message_mb ≥ 1")
         if self.adversary:

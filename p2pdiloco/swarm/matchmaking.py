@@ -121,8 +121,11 @@ async def form_group(control, key: SyncKey, me: Member, expected, group_size: in
     loop = asyncio.get_running_loop()
     start = time.monotonic()
     rkey = round_key(key)
-    mine = await loop.run_in_executor(None, control.declare, rkey, me.address, ttl_s)
-    want = set(await loop.run_in_executor(None, expected)) | {me.peer_id}
+    # Declaring and listing the live peers are independent DHT round trips: on a high-RTT path,
+    # one after the other cost a round trip of the critical path (docs/wan.md).
+    mine, live = await asyncio.gather(loop.run_in_executor(None, control.declare, rkey, me.address, ttl_s),
+                                      loop.run_in_executor(None, expected))
+    want = set(live) | {me.peer_id}
     looked = time.monotonic()
     wait = poll_s
     while True:

@@ -35,6 +35,7 @@ from .dataplane import Identity, MeanRefused, RoundBook, Servicer, allreduce
 from .servers import Servers
 from .loop import BackgroundLoop
 from .matchmaking import Member, form_group
+from ..overlap import OverlapPolicy, steps_for
 from .metrics import Metrics
 from .records import MAX_REFUSED, PROTOCOL_VERSION, PeerRecord
 from .state import StateError, agreed, download_state
@@ -104,6 +105,16 @@ class Network:
         self._spare_means: dict[tuple[str, int], torch.Tensor] = {}  # see average()
         self.group_sizes: dict[int, int] = {}  # averages completed, by group size
         self.matchmaking_s: list[float] = []  # each completed average's wait for its group
+        self.transfer_s: list[float] = []  # each completed average's reduce-scatter + all-gather
+        # Rounds whose matchmaking began before their Δ was ready (`ahead`): key -> its form_group,
+        # a concurrent Future on the loop. Inserted by the training thread, taken by `average`.
+        self._prepared: dict[SyncKey, Future] = {}
+        self.prepared_rounds = 0  # averages whose group was formed ahead
+        # Of each completed average, the matchmaking still to wait for once its Δ was handed in:
+        # all of it for a group formed then, what was left of it for one formed ahead.
+        self.matchmaking_left_s: list[float] = []
+        self._lead_samples: list[float] = []  # matchmaking times that size the lead (see `ahead`)
+        self._overlap = OverlapPolicy()
         self.averaged_with: set[str] = set()  # peers whose parts were in an average this peer applied
         self._refusals: dict[str, list[float]] = {}  # owner -> when its means failed my check
         self.excluded: set[str] = set()  # peers most others refuse: left out of every group
@@ -236,14 +247,49 @@ class Network:
         are copied there as they arrive, for the engine to decode: streaming.Worker._mean_here)."""
         return SwarmAverager(self, device)
 
+    def ahead(self, key: SyncKey, steps: int, step_s: float, ceiling: int) -> None:
+        """Begin `key`'s matchmaking now if it comes due within the steps that the recent rounds'
+        matchmaking took (overlap.declare_ahead_steps's rule, from this peer's own measurements),
+        so only the transfer is left when the Δ is sent. Declaring commits this peer to the round
+        a little earlier; it never declares more than a quarter of the matchmaking window ahead
+        (τ takes half: overlap.choose_tau), so peers that size their lead differently still
+        declare within one window of each other."""
+        c = self.cfg
+        if c.declare_ahead == 0 or key in self._prepared or step_s <= 0:
+            return
+        if c.declare_ahead > 0:
+            lead = min(c.declare_ahead, ceiling)
+        else:
+            lead = steps_for(self._lead_samples, step_s, ceiling, self._overlap, floor=1)
+        lead = min(lead, max(1, int(c.matchmaking_s / 4 / step_s)))
+        if steps > lead:
+            return
+        self._prepared[key] = self.loop.submit(asyncio.wait_for(self._form(key), c.matchmaking_s + 30))
+        # Rounds this peer will never send (it stopped) are dropped after a while: their groups' owners time out.
+        for old in [k for k in self._prepared if k.index == key.index and k.round < key.round - 1]:
+            self._prepared.pop(old).cancel()
+
+    async def _form(self, key: SyncKey):
+        c = self.cfg
+        return await form_group(self.control, key, self.me, self.training_peers, c.group_size, c.matchmaking_s,
+                                excluded=lambda: self.excluded)
+
     async def average(self, key: SyncKey, encoded: Encoded, weight: float,
                       device: torch.device | None = None) -> AverageResult:
         c = self.cfg
         started = time.monotonic()
         if self.adversary is not None:
             encoded, weight = self.adversary.part(key, encoded, weight)
-        group = await form_group(self.control, key, self.me, self.training_peers, c.group_size, c.matchmaking_s,
-                                 excluded=lambda: self.excluded)
+        prepared = self._prepared.pop(key, None)
+        t0 = time.perf_counter()
+        group = await (asyncio.wrap_future(prepared) if prepared is not None else self._form(key))
+        left = time.perf_counter() - t0
+        # The lead is sized from whole matchmakings, not from those formed ahead (which include
+        # waiting for the others to reach the round: sized from those, the lead would only grow),
+        # unless one formed ahead still kept this peer waiting: then its lead was too short.
+        if prepared is None or left > 0.05:
+            self._lead_samples = (self._lead_samples + [group.waited_s])[-self._overlap.window:]
+        t0 = time.perf_counter()
         # The mean is decoded into the previous mean of the same fragment: the engine is done with a
         # mean before it submits that fragment's next average (streaming.py settles it first). An
         # average still running after its caller gave up took the buffer with it; this one then
@@ -261,6 +307,9 @@ class Network:
         self.averaged_with.update(p for p in result.participants if p != self.peer_id)
         self.matchmaking_s.append(round(group.waited_s, 4))
         self.metrics.round_done(time.monotonic() - started, group.waited_s, group.size)
+        self.transfer_s.append(round(time.perf_counter() - t0, 4))
+        self.matchmaking_left_s.append(round(left, 4))
+        self.prepared_rounds += prepared is not None
         log.debug("%s %d round %d: averaged with %d peer(s) (matchmaking %.2fs)", key.kind, key.index, key.round,
                  len(result.participants), group.waited_s)
         return result
@@ -359,9 +408,15 @@ def excluded(records: list[PeerRecord], me: str) -> set[str]:
 class SwarmAverager(Averager):
     def __init__(self, net: Network, device: torch.device | None = None):
         self.net, self.device = net, device
+        # τ steps within half the matchmaking window: a peer never runs so far ahead that the
+        # slowest one declares after the window closed (overlap.choose_tau).
+        self.overlap_limit_s = net.cfg.matchmaking_s / 2
 
     def submit(self, key: SyncKey, encoded: Encoded, weight: float) -> "Future[AverageResult]":
         c = self.net.cfg
         # The whole average is bounded even if a remote peer stalls every step of it.
         bound = c.matchmaking_s + c.reduce_timeout_s + 10
         return self.net.loop.submit(asyncio.wait_for(self.net.average(key, encoded, weight, self.device), bound))
+
+    def ahead(self, key: SyncKey, steps: int, step_s: float, ceiling: int) -> None:
+        self.net.ahead(key, steps, step_s, ceiling)

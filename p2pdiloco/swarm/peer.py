@@ -451,6 +451,12 @@ class Peer:
                 "matchmaking_s": list(self.net.matchmaking_s), "wall_s": wall,
                 "applied": self.applied, "global_fingerprint": self._global_fingerprint(),
                 "dht_calls": dict(self.net.control.calls),
+                # Per round (bench wan's timing columns): each completed average's transfer and the
+                # matchmaking left once its Δ was handed in (network.py); each settled round's τ,
+                # latency (submit to mean) and what the loop waited for it (streaming.py).
+                "transfer_s": list(self.net.transfer_s), "matchmaking_left_s": list(self.net.matchmaking_left_s),
+                "prepared_rounds": self.net.prepared_rounds, "round_log": list(w.round_log),
+                "tau_auto": cfg.streaming.tau_auto, "step_s": w.step_clock.step_s,
                 "compute_fraction": compute_s / max(wall - eval_s, 1e-9), "wait_s": w.wait_s, "eval_s": eval_s,
                 "device": str(self.device), "batch_size": cfg.batch_size, "micro_batch": hw.micro_batch,
                 "slowdown": hw.slowdown,

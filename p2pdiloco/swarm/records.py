@@ -50,7 +50,7 @@ LOCAL_FIELDS = frozenset({
     "batch_size", "eval_every", "eval_batches",  # this peer's hardware and evaluation
     "data.paths", "data.token_dtype",  # this machine's files (byte-level text needs no shared tokenizer)
     "inner",  # the inner optimizer: lr, warmup, clipping... are this peer's
-    "streaming.tau", "streaming.alpha", "streaming.eager", "streaming.error_feedback", "streaming.timeout_s",
+    "streaming.tau", "streaming.tau_auto", "streaming.alpha", "streaming.eager", "streaming.error_feedback", "streaming.timeout_s",
     "aggregate",  # how this peer combines the parts of the spans it owns, and checks the means it gets
 })
 # Bounds on a run_config read from another peer: it is a claim, checked before anything uses it.

@@ -10,6 +10,8 @@ Every method trains the same model from the same seed for the same steps on the 
 - diloco: the whole model (P = 1) every H steps, fp32, τ = 0: training stops for every average;
 - streaming_overlap_e3m0: P fragments, 4-bit E3M0, α = 0.5 and τ = --tau steps of overlap (τ > 0
   chosen so an average lands in time on the link; τ·(P + 1) < H);
+- streaming_tau_auto: streaming_overlap_e3m0 with `--tau auto`: each peer sizes τ to its measured
+  round latency and step time (overlap.py); not among the defaults;
 - time_budget: streaming_overlap_e3m0 whose fragments sync every --round-seconds of wall clock and
   which ends after --duration seconds (peers of different speeds do different numbers of steps).
   Without those options it takes the wall time and the number of rounds of the fixed-H
@@ -43,7 +45,8 @@ from .netns import NetnsBed
 from .peers import link_check, start_peers, wait_peers
 from .plot import plot
 
-METHODS = ("no_sync", "data_parallel", "diloco", "streaming_overlap_e3m0", "time_budget")
+METHODS = ("no_sync", "data_parallel", "diloco", "streaming_overlap_e3m0", "time_budget", "streaming_tau_auto")
+DEFAULT_METHODS = METHODS[:5]
 SLOWDOWN_METHODS = ("streaming_overlap_e3m0", "time_budget")
 # Training options every method shares (the tiny model at a learning rate that moves in a few hundred steps).
 TRAINING = {"--model": "tiny", "--batch-size": "8", "--seq-len": "128", "--eval-batches": "8",
@@ -62,7 +65,7 @@ class WanBenchConfig:
     fragments: int = 2
     tau: int = 5
     seed: int = 0
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     slowdown: tuple[float, ...] = ()  # per peer; () = all at full speed
     round_seconds: float = 0.0  # time_budget; 0: from the fixed-H run
     duration: float = 0.0  # time_budget; 0: from the fixed-H run
@@ -101,6 +104,8 @@ def streaming_config(cfg: WanBenchConfig, name: str, round_s: float) -> Streamin
     base = StreamingConfig(H=cfg.H, fragments=cfg.fragments)
     if name == "no_sync":  # one fragment, synced once, at the very end (4-bit: a short final wait)
         return replace(base, H=cfg.steps, fragments=1, tau=0, alpha=0.0, codec="e3m0")
+    if name == "streaming_tau_auto":
+        return replace(method_config("streaming_overlap_e3m0", base), tau_auto=True)
     if name in ("streaming_overlap_e3m0", "time_budget"):
         s = replace(method_config("streaming_overlap_e3m0", base), tau=cfg.tau)
         return replace(s, round_s=round_s, duration_s=cfg.duration or 1.0) if name == "time_budget" else s
@@ -115,7 +120,7 @@ def peer_args(cfg: WanBenchConfig, name: str, i: int, host: str, budget: tuple[f
     s = streaming_config(cfg, name, budget[0])
     args = [x for kv in cfg.training.items() for x in kv] + [x for kv in SWARM.items() for x in kv]
     args += ["--steps", str(cfg.steps), "--seed", str(cfg.seed), "--workers", str(cfg.peers), "--shard", str(i),
-             "--mode", s.mode, "--H", str(s.H), "--fragments", str(s.fragments), "--tau", str(s.tau),
+             "--mode", s.mode, "--H", str(s.H), "--fragments", str(s.fragments), "--tau", "auto" if s.tau_auto else str(s.tau),
              "--alpha", str(s.alpha), "--codec", s.codec, "--host", host, "--threads", "1", "--json", "summary.json",
              "--run-id", f"wan-{name}", "--wait-for-peers", str(cfg.peers)]
     if name == "time_budget":
@@ -143,7 +148,34 @@ def summarize(summaries: list[dict]) -> dict:
             "skipped_rounds": sum(s["skipped_rounds"] for s in summaries),
             "averages": len(rounds), "matchmaking_s_mean": mean(rounds) if rounds else None,
             "matchmaking_s_max": max(rounds) if rounds else None,
+            **round_timings(summaries),
             "eval_curves": [s.get("eval_curve", []) for s in summaries], "peer_summaries": summaries}
+
+
+def round_timings(summaries: list[dict]) -> dict:
+    """Per round, over every peer's rounds (the final sync apart: it blocks by design): the time in
+    matchmaking (all of it, and what was left once the Δ was handed in: a group formed ahead leaves
+    none), in the transfer (reduce-scatter + all-gather, which includes waiting for the group's
+    last part), the latency from handing in Δ to its mean, and how long the training loop blocked
+    on it; and the τ each regular round was sent with."""
+    def mean(xs):
+        return statistics.fmean(xs) if xs else None
+    rounds = [r for s in summaries for r in s.get("round_log", []) if not r["final"]]
+    finals = [r for s in summaries for r in s.get("round_log", []) if r["final"]]
+    taus: dict[str, int] = {}
+    for r in rounds:
+        taus[str(r["tau"])] = taus.get(str(r["tau"]), 0) + 1
+    return {"per_round": {
+        "rounds": len(rounds), "failed": sum(not r["ok"] for r in rounds),
+        "matchmaking_s": mean([x for s in summaries for x in s["matchmaking_s"]]),
+        "matchmaking_left_s": mean([x for s in summaries for x in s.get("matchmaking_left_s", [])]),
+        "transfer_s": mean([x for s in summaries for x in s.get("transfer_s", [])]),
+        "latency_s": mean([r["latency_s"] for r in rounds if r["latency_s"] is not None]),
+        "wait_s": mean([r["wait_s"] for r in rounds]),
+        "final_wait_s": mean([r["wait_s"] for r in finals]),
+        "prepared": sum(s.get("prepared_rounds", 0) for s in summaries),
+        "step_s": mean([s["step_s"] for s in summaries if s.get("step_s")]),
+        "taus": dict(sorted(taus.items(), key=lambda kv: int(kv[0])))}}
 
 
 def run_method(bed: NetnsBed, cfg: WanBenchConfig, name: str, workdir: Path, budget, progress) -> dict:

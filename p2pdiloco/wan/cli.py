@@ -5,7 +5,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .bench_wan import LOADED, METHODS, SLOWDOWN_METHODS, TRAINING, WanBenchConfig, run_wan_bench
+from .bench_wan import DEFAULT_METHODS, LOADED, METHODS, SLOWDOWN_METHODS, TRAINING, WanBenchConfig, run_wan_bench
 from .host import BedError
 from .links import LinkSpec, parse_delay_ms
 
@@ -23,8 +23,9 @@ def add_parser(bench_sub) -> None:
     wan.add_argument("--seed", type=int, default=0)
     wan.add_argument("--model", default=TRAINING["--model"])
     wan.add_argument("--batch-size", default=TRAINING["--batch-size"])
-    wan.add_argument("--methods", nargs="+", metavar="NAME", help=f"default: {' '.join(METHODS)}; "
-                                                                  f"with --slowdown: {' '.join(SLOWDOWN_METHODS)}")
+    wan.add_argument("--methods", nargs="+", metavar="NAME",
+                     help=f"of {' '.join(METHODS)}; default: {' '.join(DEFAULT_METHODS)}; "
+                          f"with --slowdown: {' '.join(SLOWDOWN_METHODS)}")
     wan.add_argument("--slowdown", metavar="F,F,...", help="per peer: each step takes F times its compute")
     wan.add_argument("--round-seconds", type=float, default=0.0, help="time_budget's round (default: from the fixed-H run)")
     wan.add_argument("--duration", type=float, default=0.0, help="time_budget's length (default: from the fixed-H run)")
@@ -47,7 +48,7 @@ def cli(args) -> int:
     cfg = WanBenchConfig(
         link=LinkSpec(args.bandwidth, parse_delay_ms(args.delay, "--delay"), args.loss), peers=args.peers,
         steps=args.steps, H=args.H, fragments=args.fragments, tau=args.tau, seed=args.seed,
-        methods=tuple(args.methods or (SLOWDOWN_METHODS if slowdown else METHODS)), slowdown=slowdown,
+        methods=tuple(args.methods or (SLOWDOWN_METHODS if slowdown else DEFAULT_METHODS)), slowdown=slowdown,
         round_seconds=args.round_seconds, duration=args.duration, eval_every_seconds=eval_every,
         method_timeout_s=args.method_timeout, backend=args.backend, quiet_wait_s=args.wait_quiet,
         retries=args.retries,
@@ -68,5 +69,15 @@ def cli(args) -> int:
         print(f"{name:24s} {m['compute_utilization']:8.1%} {m['compute_utilization_min']:6.1%} "
               f"{m.get('speed_vs_no_sync', float('nan')):10.2f} {m['bytes_sent_per_peer']:13,d} {m['eval_loss']:9.4f} "
               f"{m['wall_s']:7.1f} {m['wait_s']:7.1f} {'-' if mm is None else f'{mm:.2f}':>13s} {m['other_cpu_s']:11.1f}")
+    print("\nper round (mean over peers and rounds; the final sync apart): seconds of matchmaking (left once Δ "
+          "was handed in), transfer, latency (Δ to mean), loop blocked; τ used")
+    for name, m in result["methods"].items():
+        r = m.get("per_round")
+        if not r or not r["rounds"]:
+            continue
+        f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        print(f"{name:24s} matchmaking {f(r['matchmaking_s'])} ({f(r['matchmaking_left_s'])})  transfer "
+              f"{f(r['transfer_s'])}  latency {f(r['latency_s'])}  blocked {f(r['wait_s'])}  "
+              f"(final {f(r['final_wait_s'])})  τ {r['taus']}  step {f(r['step_s'])}s")
     print(f"results in {args.json}, plot in {Path(args.json).with_suffix('.png')}, peer logs under {args.workdir}")
     return 0 if all("error" not in m for m in result["methods"].values()) else 1
