@@ -1,6 +1,5 @@
 """The command line as a black box: real processes, real files."""
 import json
-import os
 import subprocess
 import sys
 

@@ -1,5 +1,4 @@
 """Outer Nesterov SGD against hand-computed values and torch; the inner lr schedule."""
-import math
 
 import pytest
 import torch
