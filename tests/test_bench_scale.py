@@ -70,7 +70,9 @@ def test_bench_soak_survives_a_kill_and_a_freeze(tmp_path, text_file):
     """4 peers, one killed and restarted with --resume auto, one frozen and thawed: every peer
     finishes its steps, nobody stalls, and the survivors' memory and descriptors are reported."""
     out = tmp_path / "soak.json"
-    cfg = SoakConfig(minutes=1.0, every_s=25.0, freeze_s=8.0, steps=400, checkpoint_every=20, sample_s=1.0,
+    # Two faults, 12 s apart, once all four train; 900 steps outlast them on a quiet machine too
+    # (~11 steps/s there: 400 steps ended before a fault planned at 50 s).
+    cfg = SoakConfig(minutes=0.4, every_s=12.0, freeze_s=5.0, steps=900, checkpoint_every=20, sample_s=1.0,
                      stall_s=90.0, workdir=str(tmp_path / "runs"))
     run_soak_bench(cfg, ["--data", str(text_file), "--eval-batches", "2"], str(out), echo=print)
     result = json.loads(out.read_text())
@@ -78,7 +80,7 @@ def test_bench_soak_survives_a_kill_and_a_freeze(tmp_path, text_file):
     assert [e["kind"] for e in soak["events"]] == ["kill", "freeze"], soak["events"]
     assert soak["completed"] and soak["exit_codes"] == [0, 0, 0, 0], soak
     assert soak["stalls"] == [] and soak["hung"] == []
-    assert soak["steps"] == [400] * 4
+    assert soak["steps"] == [900] * 4
     # Freezes hit the first half, kills the second: peer2 was killed, the others lived through the run.
     assert set(soak["survivors"]) == {"peer0", "peer1", "peer3"}
     for s in soak["survivors"].values():
