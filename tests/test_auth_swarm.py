@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,9 +41,19 @@ def _in_fresh_process(what: str, *args: str) -> dict:
     hivemind.DHT forks its node process; forked from a pytest process whose gRPC threads are busy
     (earlier tests' channels), the child can deadlock before it is ready. A fresh interpreter has none.
     """
-    done = subprocess.run([sys.executable, __file__, what, *args], capture_output=True, text=True, timeout=420)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # Its own process group: on a timeout its DHT node and p2pd go with it, not only the interpreter.
+    child = subprocess.Popen([sys.executable, __file__, what, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=420)
+    finally:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # whatever the interpreter left behind
+        except ProcessLookupError:
+            pass
+        child.wait()
+    assert child.returncode == 0, err[-4000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _observe(maddr: str, run_id: str, wanted: str) -> dict:
@@ -187,7 +199,6 @@ def test_an_open_peer_that_tries_to_join_a_closed_run_exits_2_saying_so(swarm, t
 
 
 def test_an_admitted_newcomer_downloads_the_state_over_tls(swarm, text_file, tmp_path):
-    import signal
 
     from p2pdiloco.swarm.admission import admit, make_peer_request, make_run_ca
     make_run_ca(tmp_path / "run")
