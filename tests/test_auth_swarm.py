@@ -199,7 +199,6 @@ def test_an_open_peer_that_tries_to_join_a_closed_run_exits_2_saying_so(swarm, t
 
 
 def test_an_admitted_newcomer_downloads_the_state_over_tls(swarm, text_file, tmp_path):
-
     from p2pdiloco.swarm.admission import admit, make_peer_request, make_run_ca
     make_run_ca(tmp_path / "run")
     for name in ("a", "b", "c"):
